@@ -1,0 +1,228 @@
+"""ATAL (paper §3.3): the token set S, the indicator-attention map, the loss, and the recording processor."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from painternet_core.atal import (ATALAttnProcessor, ATALRecorder, actual_token_mask, atal_loss, infer_map_size,
+                                  install_atal_processors, token_mean_attention, tokenize_with_token_mask)
+from training.tiny import tiny_clip_tokenizer, tiny_sd15_components
+
+
+def explicit_token_mean(query: torch.Tensor, key: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """The definition, materialising the HW×L map: mean_{j∈S} softmax(QKᵀ/√d)[:, j], heads averaged."""
+    scores = query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5
+    probs = scores.softmax(dim=-1)  # (B, heads, HW, L)
+    weights = token_mask.to(probs.dtype)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1)
+    return (probs * weights[:, None, None, :]).sum(-1).mean(1)
+
+
+# ------------------------------------------------------------------------------------------------------ the set S
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"], ids=["sd15-eot-padded", "sdxl-tokenizer_2-bang-padded"])
+def test_token_mask_excludes_sot_eot_and_padding(tmp_path, pad):
+    tokenizer = tiny_clip_tokenizer(tmp_path, pad_token=pad, model_max_length=12)
+    prompts = ["a red circle", "", "purple star!"]
+    ids, mask = tokenize_with_token_mask(tokenizer, prompts)
+    assert ids.shape == mask.shape == (3, 12) and mask.dtype == torch.bool
+    tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
+    selected = [[t for t, keep in zip(row, m) if keep] for row, m in zip(tokens, mask.tolist())]
+    assert selected[0] == ["a</w>", "red</w>", "circle</w>"]
+    assert selected[1] == []  # SOT + EOT only: an empty S
+    # "!" is a real token here even though tokenizer_2 pads with "!" (id 0): S keeps it, padding stays out.
+    assert [t.replace("</w>", "") for t in selected[2]] == ["purple", "star", "!"]
+    assert mask[:, 0].sum() == 0
+    if pad == "!":
+        assert (ids[0, 5:] == tokenizer.pad_token_id).all() and tokenizer.pad_token_id == 0
+    else:
+        assert tokenizer.pad_token_id == tokenizer.eos_token_id
+
+
+def test_token_mask_from_ids_only_matches_attention_mask(tmp_path):
+    tokenizer = tiny_clip_tokenizer(tmp_path, model_max_length=10)
+    out = tokenizer(["a blue square on the background", "", "green"], padding="max_length", max_length=10,
+                    truncation=True, return_attention_mask=True, return_tensors="pt")
+    from_mask = actual_token_mask(out["attention_mask"])
+    from_ids = actual_token_mask(input_ids=out["input_ids"], bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+    assert torch.equal(from_mask, from_ids)
+    assert from_mask.sum(1).tolist() == [6, 0, 1]
+
+
+def test_token_mask_errors_name_the_fix():
+    with pytest.raises(ValueError, match="attention_mask or input_ids"):
+        actual_token_mask()
+    with pytest.raises(ValueError, match="eos_token_id"):
+        actual_token_mask(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        actual_token_mask(torch.ones(4))
+
+
+# ------------------------------------------------------------------------------------------------------ the map
+def test_indicator_sdpa_equals_explicit_softmax_mean():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 48, 16, generator=gen)
+    k = torch.randn(3, 4, 11, 16, generator=gen)
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    mask[0, 1:5] = True
+    mask[1, 1:2] = True
+    mask[2, 1:10] = True
+    got = token_mean_attention(q, k, mask)
+    assert got.shape == (3, 48)
+    torch.testing.assert_close(got, explicit_token_mean(q, k, mask), atol=1e-6, rtol=0)
+
+
+def test_empty_token_set_gives_zero_map():
+    q, k = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.tensor([[False] * 5, [False, True, True, False, False]])
+    out = token_mean_attention(q, k, mask)
+    assert torch.equal(out[0], torch.zeros(6)) and out[1].abs().sum() > 0
+
+
+def test_gradcheck_map_and_loss_float64():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 16, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    token_mask = torch.tensor([[False, True, True, True, False, False], [False, True, False, False, False, False]])
+    hole = (torch.rand(2, 1, 8, 8, generator=gen) > 0.5).double()
+    valid = torch.tensor([True, True])
+    assert torch.autograd.gradcheck(lambda a, b: token_mean_attention(a, b, token_mask), (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: atal_loss([token_mean_attention(a, b, token_mask)], hole, valid),
+                                    (q, k))
+
+
+# ------------------------------------------------------------------------------------------------------ the loss
+def test_loss_zero_when_map_equals_mask_and_hand_computed_value():
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, :2, :2] = 1.0
+    # Map at the mask's own size equal to it → 0; at half size, area resizing gives [[1, 0], [0, 0]].
+    assert atal_loss([mask[:, 0].reshape(2, 16)], mask).item() == 0.0
+    assert atal_loss([torch.tensor([[1.0, 0, 0, 0]] * 2)], mask).item() == 0.0
+    # Hand-computed: layer A (2x2 all 0.5): Σ (0.5-1)² + 3·(0.5)² = 1.0 per sample.
+    # layer B (4x4 zeros): Σ mask² = 4 for sample 0; sample 1 is dropped (valid False), so the means are over sample 0.
+    layer_a = torch.full((2, 2, 2), 0.5)
+    layer_b = torch.zeros(2, 16)
+    valid = torch.tensor([True, False])
+    assert atal_loss([layer_a, layer_b], mask, valid).item() == pytest.approx((1.0 + 4.0) / 2)
+    # Area interpolation: a 1-pixel hole on a 2x2 mask is 0.25 on a 1x1 map; map 0 → 0.0625.
+    one = torch.zeros(1, 1, 2, 2)
+    one[0, 0, 0, 0] = 1
+    assert atal_loss([torch.zeros(1, 1)], one).item() == pytest.approx(0.0625)
+
+
+def test_dropped_prompts_are_excluded_and_all_dropped_gives_connected_zero():
+    mask = torch.ones(2, 1, 4, 4)
+    layer = torch.zeros(2, 4, requires_grad=True)
+    full = atal_loss([layer], mask, torch.tensor([True, True]))
+    only_first = atal_loss([torch.stack([layer[0], torch.full((4,), 123.0)])], mask, torch.tensor([True, False]))
+    assert full.item() == pytest.approx(4.0) and only_first.item() == pytest.approx(4.0)
+    none = atal_loss([layer], mask, torch.tensor([False, False]))
+    assert none.item() == 0.0
+    none.backward()
+    assert layer.grad is not None and torch.equal(layer.grad, torch.zeros_like(layer))
+
+
+def test_loss_is_fp32_for_bf16_maps():
+    mask = torch.ones(1, 1, 2, 2)
+    assert atal_loss([torch.zeros(1, 4, dtype=torch.bfloat16)], mask).dtype == torch.float32
+
+
+def test_map_size_inference_and_errors():
+    assert infer_map_size(64 * 48, 512, 384) == (64, 48)
+    assert infer_map_size(4 * 3, 512, 384) == (4, 3)
+    assert infer_map_size(2 * 2, 7, 7) == (2, 2)  # ceil rounding of stride-2 convs: 7 → 4 → 2
+    with pytest.raises(ValueError, match="cannot place"):
+        infer_map_size(7, 8, 8)
+    with pytest.raises(ValueError, match="no attention maps"):
+        atal_loss([], torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"valid must be"):
+        atal_loss([torch.zeros(2, 4)], torch.ones(2, 1, 2, 2), torch.tensor([True]))
+
+
+# ------------------------------------------------------------------------------------------------------ processor
+def _tiny_attention(seed: int = 0):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(seed)
+    return Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+
+
+def test_processor_matches_attnprocessor2_0_and_records_map():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn = _tiny_attention()
+    hidden = torch.randn(2, 20, 16)
+    context = torch.randn(2, 7, 12)
+    reference = attn(hidden, encoder_hidden_states=context)
+    assert isinstance(attn.processor, AttnProcessor2_0)
+    recorder = ATALRecorder()
+    attn.set_processor(ATALAttnProcessor(recorder, "blk.attn2"))
+    idle = attn(hidden, encoder_hidden_states=context)
+    token_mask = torch.zeros(2, 7, dtype=torch.bool)
+    token_mask[:, 1:4] = True
+    with recorder.record(token_mask):
+        recording = attn(hidden, encoder_hidden_states=context)
+        assert list(recorder.maps) == ["blk.attn2"]
+        heads_q = attn.to_q(hidden).view(2, 20, 2, 8).transpose(1, 2)
+        heads_k = attn.to_k(context).view(2, 7, 2, 8).transpose(1, 2)
+        torch.testing.assert_close(recorder.maps["blk.attn2"], explicit_token_mean(heads_q, heads_k, token_mask),
+                                   atol=1e-6, rtol=0)
+        from diffusers.models.attention_processor import Attention
+
+        self_attn = Attention(query_dim=16, heads=2, dim_head=8)
+        self_attn.set_processor(ATALAttnProcessor(recorder, "blk.attn1"))
+        self_attn(hidden)  # self-attention: nothing recorded
+        assert list(recorder.maps) == ["blk.attn2"]
+    assert not recorder.active and recorder.maps == {}
+    torch.testing.assert_close(idle, reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(recording, reference, atol=1e-6, rtol=0)
+    with recorder.record(torch.zeros(2, 5, dtype=torch.bool)), pytest.raises(ValueError, match="token mask"):
+        attn(hidden, encoder_hidden_states=context)
+
+
+def test_install_on_unet_and_checkpointing_gives_equal_nonzero_atal_gradient(tmp_path):
+    parts = tiny_sd15_components(tmp_path)
+    unet = parts.unet
+    recorder = ATALRecorder()
+    names = install_atal_processors(unet, recorder)
+    assert len(names) == 16 and all(name.endswith("attn2") for name in names)
+    assert sum(type(p).__name__ == "ATALAttnProcessor" for p in unet.attn_processors.values()) == 16
+    block = unet.down_blocks[0]  # CrossAttnDownBlock2D: 2 resnets + 2 transformers (2 cross-attention layers)
+    gen = torch.Generator().manual_seed(3)
+    sample = torch.randn(2, 32, 8, 8, generator=gen)
+    temb = torch.randn(2, 128, generator=gen)
+    context = torch.randn(2, 9, 32, generator=gen)
+    token_mask = torch.zeros(2, 9, dtype=torch.bool)
+    token_mask[0, 1:4] = True
+    token_mask[1, 1:7] = True
+    hole = torch.zeros(2, 1, 8, 8)
+    hole[:, :, 2:6, 1:5] = 1
+
+    def run(use_checkpoint: bool) -> dict[str, torch.Tensor]:
+        model = copy.deepcopy(block)
+        for p in model.parameters():
+            p.grad = None
+        with recorder.record(token_mask):
+            if use_checkpoint:
+                checkpoint(lambda x: model(x, temb, encoder_hidden_states=context)[0], sample, use_reentrant=False)
+            else:
+                model(sample, temb, encoder_hidden_states=context)
+            maps = recorder.ordered_maps()
+            assert len(maps) == 2
+            loss = atal_loss(maps, hole)
+            loss.backward()
+            assert len(recorder.maps) == 2  # recomputation overwrote, not appended
+            replaced = [a is not b for a, b in zip(maps, recorder.ordered_maps())]
+            assert replaced == [use_checkpoint] * 2  # the checkpointed forward really ran again
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = run(False), run(True)
+    to_k = [n for n in plain if n.endswith("attn2.to_k.weight")]
+    assert to_k and all(plain[n].abs().sum() > 0 for n in to_k)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
