@@ -1,0 +1,346 @@
+"""Properties of the paper's masks (painternet_core.masks) and of the PainterNetMaskGenerator node function.
+
+Pure core + a direct call of the node's function: no ComfyUI needed (mask_nodes imports nothing from comfy).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    # Appended, not prepended: the repo's `nodes` package must not shadow ComfyUI's `nodes` module for other tests.
+    sys.path.append(str(ROOT))
+
+from painternet_core import masks  # noqa: E402
+
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _load_mask_nodes():
+    """Load nodes/mask_nodes.py by path under a private name (`nodes` may be ComfyUI's module in this process)."""
+    spec = importlib.util.spec_from_file_location("painternet_test_mask_nodes", ROOT / "nodes" / "mask_nodes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@st.composite
+def segmentations(draw, min_side: int = 1, max_side: int = 48, allow_empty: bool = True):
+    """Random (H, W) {0,1} float32 masks: empty, full, random rectangles and random sparse pixels, odd sizes too."""
+    h = draw(st.integers(min_side, max_side))
+    w = draw(st.integers(min_side, max_side))
+    kind = draw(st.sampled_from(["rects", "pixels", "full"] + (["empty"] if allow_empty else [])))
+    seg = np.zeros((h, w), dtype=np.float32)
+    if kind == "full":
+        seg[:] = 1
+    elif kind == "rects":
+        for _ in range(draw(st.integers(1, 3))):
+            y0, x0 = draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))
+            y1, x1 = draw(st.integers(y0 + 1, h)), draw(st.integers(x0 + 1, w))
+            seg[y0:y1, x0:x1] = 1
+    elif kind == "pixels":
+        ys = draw(st.lists(st.integers(0, h - 1), min_size=1, max_size=6))
+        xs = draw(st.lists(st.integers(0, w - 1), min_size=len(ys), max_size=len(ys)))
+        seg[ys, xs] = 1
+    return seg
+
+
+def _bbox(seg: np.ndarray) -> tuple[int, int, int, int] | None:
+    ys, xs = np.nonzero(seg)
+    if len(ys) == 0:
+        return None
+    return int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+
+
+def _assert_binary_like(out: np.ndarray, seg: np.ndarray) -> None:
+    assert out.dtype == np.float32
+    assert out.shape == seg.shape
+    assert np.isin(out, (0.0, 1.0)).all()
+
+
+seeds = st.integers(0, 2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------- properties
+
+
+@FAST
+@given(seg=segmentations())
+def test_segmentation_mode_returns_the_input(seg):
+    out = masks.generate_mask(seg, "segmentation", np.random.default_rng(0))
+    _assert_binary_like(out, seg)
+    np.testing.assert_array_equal(out, seg)
+    assert out is not seg and not np.shares_memory(out, seg)
+
+
+@FAST
+@given(seg=segmentations(), seed=seeds)
+def test_box_is_one_rectangle_containing_the_bounding_box(seg, seed):
+    out = masks.box_mask(seg, np.random.default_rng(seed))
+    _assert_binary_like(out, seg)
+    box = _bbox(seg)
+    if box is None:
+        assert not out.any()
+        return
+    got = _bbox(out)
+    assert got is not None
+    y0, y1, x0, x1 = got
+    # exactly one axis-aligned rectangle: everything inside its bounding box is 1, nothing outside.
+    assert out[y0:y1 + 1, x0:x1 + 1].all()
+    assert out.sum() == (y1 - y0 + 1) * (x1 - x0 + 1)
+    by0, by1, bx0, bx1 = box
+    assert y0 <= by0 and y1 >= by1 and x0 <= bx0 and x1 >= bx1
+
+
+@FAST
+@given(seg=segmentations(), seed=seeds, expand=st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted))
+def test_box_expansion_stays_within_range(seg, seed, expand):
+    lo, hi = expand
+    out = masks.box_mask(seg, np.random.default_rng(seed), expand=(lo, hi))
+    box = _bbox(seg)
+    if box is None:
+        assert not out.any()
+        return
+    by0, by1, bx0, bx1 = box
+    bh, bw = by1 - by0 + 1, bx1 - bx0 + 1
+    y0, y1, x0, x1 = _bbox(out)
+    h, w = seg.shape
+    for grown, size, limit in ((by0 - y0, bh, by0), (y1 - by1, bh, h - 1 - by1),
+                               (bx0 - x0, bw, bx0), (x1 - bx1, bw, w - 1 - bx1)):
+        assert grown <= round(hi * size) + 1
+        assert grown >= min(limit, round(lo * size) - 1)
+
+
+@FAST
+@given(seg=segmentations(), seed=seeds)
+def test_irregular_contains_the_segmentation(seg, seed):
+    out = masks.irregular_mask(seg, np.random.default_rng(seed))
+    _assert_binary_like(out, seg)
+    assert (out >= seg).all()
+    if not seg.any():
+        assert not out.any()
+
+
+@FAST
+@given(seg=segmentations(), seed=seeds, mode=st.sampled_from(masks.MASK_MODES))
+def test_same_seed_same_mask(seg, seed, mode):
+    a = masks.generate_mask(seg, mode, np.random.default_rng(seed))
+    b = masks.generate_mask(seg, mode, np.random.default_rng(seed))
+    _assert_binary_like(a, seg)
+    np.testing.assert_array_equal(a, b)
+
+
+@FAST
+@given(seg=segmentations(), seed=seeds)
+def test_paper_mix_is_one_of_the_three_kinds(seg, seed):
+    mixed = masks.paper_mix_mask(seg, np.random.default_rng(seed))
+    assert mixed.kind in masks.MASK_KINDS
+    replay = np.random.default_rng(seed)
+    replay.random()  # the k of Eq. 6
+    expected = masks.generate_mask(seg, mixed.kind, replay)
+    np.testing.assert_array_equal(mixed.mask, expected)
+
+
+def _object(h: int, w: int) -> np.ndarray:
+    seg = np.zeros((h, w), dtype=np.float32)
+    cv2.ellipse(seg, (w // 2, h // 2), (max(1, w // 8), max(1, h // 10)), 20, 0, 360, 1, -1)
+    return seg
+
+
+@pytest.mark.parametrize("mode", ["box", "irregular", "paper_mix"])
+@pytest.mark.parametrize("size", [(64, 64), (97, 131), (512, 512)])
+def test_different_seeds_give_different_masks(mode, size):
+    seg = _object(*size)
+    outs = {masks.generate_mask(seg, mode, np.random.default_rng(s)).tobytes() for s in range(8)}
+    assert len(outs) >= 4 if mode != "paper_mix" else len(outs) >= 2
+    if mode == "irregular":
+        assert len(outs) == 8
+
+
+def test_empty_and_full_inputs():
+    rng = np.random.default_rng(1)
+    for shape in [(1, 1), (1, 7), (7, 1), (33, 17), (256, 256)]:
+        empty = np.zeros(shape, np.float32)
+        full = np.ones(shape, np.float32)
+        for mode in masks.MASK_MODES:
+            assert not masks.generate_mask(empty, mode, rng).any(), (mode, shape)
+            assert masks.generate_mask(full, mode, rng).all(), (mode, shape)
+
+
+def test_one_by_one_and_odd_sizes():
+    rng = np.random.default_rng(2)
+    for shape in [(1, 1), (1, 2), (3, 1), (5, 7), (511, 513)]:
+        seg = np.zeros(shape, np.float32)
+        seg[shape[0] // 2, shape[1] // 2] = 1
+        for mode in masks.MASK_MODES:
+            out = masks.generate_mask(seg, mode, rng)
+            _assert_binary_like(out, seg)
+            assert out[shape[0] // 2, shape[1] // 2] == 1
+
+
+def test_input_dtypes_and_threshold():
+    seg_u8 = np.zeros((9, 9), np.uint8)
+    seg_u8[2:5, 3:6] = 255
+    expected = (seg_u8 > 0).astype(np.float32)
+    for seg in (seg_u8, seg_u8 > 0, seg_u8.astype(np.int64), expected.astype(np.float64)):
+        np.testing.assert_array_equal(masks.segmentation_mask(seg), expected)
+    soft = np.array([[0.0, 0.49, 0.5, 1.0]], np.float32)
+    np.testing.assert_array_equal(masks.segmentation_mask(soft), [[0, 0, 1, 1]])
+    # non-contiguous views work too
+    np.testing.assert_array_equal(masks.segmentation_mask(expected.T), expected.T)
+
+
+def test_paper_mix_frequencies():
+    seg = _object(8, 8)
+    rng = np.random.default_rng(1234)
+    n = 4000
+    kinds = [masks.paper_mix_mask(seg, rng).kind for _ in range(n)]
+    freq = {k: kinds.count(k) / n for k in masks.MASK_KINDS}
+    # 0.03 is > 4 standard deviations of a binomial frequency at p=0.25, n=4000.
+    assert abs(freq["box"] - 0.25) < 0.03
+    assert abs(freq["irregular"] - 0.50) < 0.03
+    assert abs(freq["segmentation"] - 0.25) < 0.03
+
+
+def test_paper_kind_thresholds_are_eq6():
+    assert masks.paper_kind(0.0) == "box"
+    assert masks.paper_kind(0.25) == "box"
+    assert masks.paper_kind(np.nextafter(0.25, 1)) == "irregular"
+    assert masks.paper_kind(0.75) == "irregular"
+    assert masks.paper_kind(np.nextafter(0.75, 1)) == "segmentation"
+    assert masks.paper_kind(1.0) == "segmentation"
+
+
+def test_irregular_parameters_take_effect():
+    seg = _object(128, 128)
+    rng = np.random.default_rng(3)
+    plain = masks.irregular_mask(seg, rng, masks.IrregularMaskParams(dilation_scale=0.0, strokes=(0, 0)))
+    np.testing.assert_array_equal(plain, seg)
+    dilated = masks.irregular_mask(seg, rng, masks.IrregularMaskParams(strokes=(0, 0)))
+    assert dilated.sum() > seg.sum()
+    ellipse = masks.generate_mask(seg, "irregular", rng, kernel_shape="ellipse", strokes=(0, 0))
+    assert (ellipse >= seg).all() and ellipse.sum() > seg.sum()
+    # more strokes -> more coverage on average
+    few = np.mean([masks.generate_mask(seg, "irregular", np.random.default_rng(s), dilation_scale=0.0,
+                                       strokes=(1, 1)).sum() for s in range(20)])
+    many = np.mean([masks.generate_mask(seg, "irregular", np.random.default_rng(s), dilation_scale=0.0,
+                                        strokes=(8, 8)).sum() for s in range(20)])
+    assert many > few > seg.sum()
+
+
+def test_dilation_band_follows_coverage_ratio():
+    bands = masks.DEFAULT_DILATION_BANDS
+    p = masks.IrregularMaskParams()
+    assert masks._pick_band(p, 0.0) is bands[0]
+    assert masks._pick_band(p, 0.05) is bands[0]
+    assert masks._pick_band(p, 0.3) is bands[2]
+    assert masks._pick_band(p, 1.0) is bands[-1]
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((2, 3, 4), np.float32), r"2-D \(H, W\), got shape \(2, 3, 4\)"),
+    (np.zeros(5, np.float32), r"2-D"),
+    (np.zeros((0, 4), np.float32), r"empty shape"),
+    (np.zeros((4, 4), np.complex64), r"dtype complex64 is not supported"),
+    (np.array([["a"]]), r"is not supported"),
+    (np.full((3, 3), np.nan, np.float32), r"NaN"),
+    ([[0, 1]], r"numpy array, got list"),
+])
+def test_bad_inputs_raise_clear_errors(bad, match):
+    for mode in masks.MASK_MODES:
+        with pytest.raises(ValueError, match=match):
+            masks.generate_mask(bad, mode, np.random.default_rng(0))
+
+
+def test_bad_mode_params_and_rng():
+    seg = _object(16, 16)
+    with pytest.raises(ValueError, match=r"unknown mask mode 'scribble'; use one of segmentation, box"):
+        masks.generate_mask(seg, "scribble", np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"unknown mask parameter\(s\) stroke"):
+        masks.generate_mask(seg, "irregular", np.random.default_rng(0), stroke=(1, 2))
+    with pytest.raises(TypeError, match=r"numpy.random.Generator.*default_rng"):
+        masks.generate_mask(seg, "box", 123)
+    with pytest.raises(ValueError, match=r"expand=\(0.5, 0.1\) needs"):
+        masks.box_mask(seg, np.random.default_rng(0), expand=(0.5, 0.1))
+    with pytest.raises(ValueError, match=r"strokes=\(3, 1\)"):
+        masks.IrregularMaskParams(strokes=(3, 1))
+    with pytest.raises(ValueError, match=r"shape_weights"):
+        masks.IrregularMaskParams(shape_weights=(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match=r"max_ratio=1.0"):
+        masks.IrregularMaskParams(dilation_bands=(masks.DilationBand(0.5, (0.01, 0.02), (1, 1)),))
+    with pytest.raises(ValueError, match=r"kernel_shape"):
+        masks.IrregularMaskParams(kernel_shape="cross")
+
+
+# --------------------------------------------------------------------------------------------------------- node
+
+
+def test_node_batch_is_reproducible_and_items_differ():
+    module = _load_mask_nodes()
+    node = module.PainterNetMaskGenerator()
+    seg = torch.from_numpy(_object(96, 80))
+    batch = torch.stack([seg, seg])
+    (a,) = node.generate(batch, "irregular", 42)
+    (b,) = node.generate(batch, "irregular", 42)
+    (c,) = node.generate(batch, "irregular", 43)
+    assert a.shape == (2, 96, 80) and a.dtype == torch.float32 and a.device.type == "cpu"
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])  # same input, independent streams per item
+    assert not torch.equal(a, c)
+    assert bool((a >= batch).all())
+    # item i's stream depends on (seed, i) only
+    rng0 = np.random.Generator(np.random.PCG64(np.random.SeedSequence(42).spawn(2)[0]))
+    np.testing.assert_array_equal(a[0].numpy(), masks.irregular_mask(seg.numpy(), rng0))
+
+
+def test_node_modes_shapes_and_widgets():
+    module = _load_mask_nodes()
+    node = module.PainterNetMaskGenerator()
+    seg = torch.from_numpy(_object(33, 47))
+    (single,) = node.generate(seg, "segmentation", 0)
+    assert single.shape == (1, 33, 47)
+    assert torch.equal(single[0], seg)
+    (box,) = node.generate(seg, "box", 5, box_expand_min=0.0, box_expand_max=0.0)
+    ys, xs = np.nonzero(seg.numpy())
+    assert int(box.sum()) == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
+    (mix,) = node.generate(torch.stack([seg] * 6), "paper_mix", 7)
+    assert mix.shape == (6, 33, 47)
+
+    inputs = module.PainterNetMaskGenerator.INPUT_TYPES()
+    assert inputs["required"]["mode"][0] == list(masks.MASK_MODES)
+    assert inputs["required"]["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF
+    assert inputs["required"]["seed"][1]["control_after_generate"] is True
+    for group in inputs.values():
+        for name, spec in group.items():
+            assert spec[1].get("tooltip"), f"input {name} has no tooltip"
+    # every optional widget is a keyword of the function with the same default
+    import inspect
+    signature = inspect.signature(module.PainterNetMaskGenerator.generate)
+    for name, spec in inputs["optional"].items():
+        assert signature.parameters[name].default == spec[1]["default"], name
+    assert module.NODE_CLASS_MAPPINGS == {"PainterNetMaskGenerator": module.PainterNetMaskGenerator}
+    assert "PainterNetMaskGenerator" in module.NODE_DISPLAY_NAME_MAPPINGS
+    assert module.PainterNetMaskGenerator.CATEGORY == "inpaint/PainterNet"
+
+
+def test_node_rejects_bad_input():
+    module = _load_mask_nodes()
+    node = module.PainterNetMaskGenerator()
+    with pytest.raises(ValueError, match=r"\(B, H, W\) or \(H, W\), got \(1, 1, 4, 4\)"):
+        node.generate(torch.zeros(1, 1, 4, 4), "box", 0)
+    with pytest.raises(ValueError, match=r"unknown mode 'blob'"):
+        node.generate(torch.zeros(1, 4, 4), "blob", 0)
+    with pytest.raises(ValueError, match=r"box_expand|expand"):
+        node.generate(torch.zeros(1, 4, 4), "box", 0, box_expand_min=0.5, box_expand_max=0.1)
