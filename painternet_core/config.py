@@ -194,11 +194,12 @@ class PainterNetConfig:
 
 
 # Tiny topologies of the same families, for tests and the CPU smoke preset of the trainer: every control-point count
-# (12/1/15 and 16 ACPs for SD1.5, 9/1/11 and 70 ACPs for SDXL) equals the real model's.
+# (12/1/15 and 16 ACPs for SD1.5, 9/1/11 and 70 ACPs for SDXL) equals the real model's. Channels stay multiples of 32:
+# ComfyUI's blocks hard-code 32 GroupNorm groups.
 TINY_SD15_UNET: dict[str, Any] = dict(
-    SD15_UNET, block_out_channels=[32, 32, 64, 64], attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8,
+    SD15_UNET, block_out_channels=[32, 32, 64, 64], attention_head_dim=8, cross_attention_dim=32,
 )
 TINY_SDXL_UNET: dict[str, Any] = dict(
     SDXL_UNET, block_out_channels=[32, 32, 64], attention_head_dim=[2, 2, 4], cross_attention_dim=64,
-    norm_num_groups=8, addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
 )
