@@ -32,7 +32,7 @@ __all__ = [
 
 #: Words that tokenize to one token each (the synthetic dataset's captions use only these).
 TINY_WORDS: tuple[str, ...] = (
-    "a", "the", "on", "in", "of", "and", "with", "background", "photo", "image", "object",
+    "a", "an", "the", "on", "in", "of", "and", "with", "background", "photo", "image", "object",
     "red", "blue", "green", "yellow", "white", "black", "orange", "purple", "gray",
     "circle", "square", "triangle", "star", "ellipse", "rectangle", "shape", "small", "large",
 )

@@ -1,0 +1,528 @@
+"""Training data for PainterNet: BrushData webdataset shards, a plain folder format and a synthetic set (DESIGN §7).
+
+Every source yields the same sample dict, built by :func:`prepare_sample` from (image, one object's segmentation,
+prompt):
+
+* ``pixel_values`` float32 (3, H, W) in [-1, 1]; ``mask`` float32 (1, H, W) in {0, 1}, **1 = hole** (DESIGN §2),
+  drawn from the object's segmentation by ``painternet_core.masks`` (``paper_mix`` by default, paper Eq. 6);
+* ``prompt``: the object's local caption when there is one (paper §3.2 uses local prompts), else the global caption;
+  ``caption``: the global caption. Prompt dropout is the training loop's job, so it can zero SDXL embeddings;
+* SDXL micro-conditioning from the *real* crop: ``original_size`` (H, W of the decoded image),
+  ``crops_coords_top_left`` (top, left of the crop in the resized image, as diffusers' SDXL scripts define it) and
+  ``target_size``.
+
+:func:`collate_samples` stacks tensors and keeps texts as lists: text is tokenized and encoded in the loop, where the
+frozen text encoders live on the accelerator.
+
+All datasets are ``IterableDataset``s that split their input per distributed rank *and* per DataLoader worker
+themselves (rank / world size are arguments; the worker comes from ``get_worker_info``), so they must not go through
+``accelerator.prepare``. Randomness is explicit: every sample's crop and mask come from a generator seeded by
+(seed, epoch, sample key), so a sample is the same whatever the number of ranks and workers; only the shuffle order
+depends on the slot.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from painternet_core.masks import MASK_MODES, generate_mask, paper_mix_mask
+
+logger = logging.getLogger("painternet.training")
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MalformedSample",
+    "rle_decode",
+    "prepare_sample",
+    "collate_samples",
+    "sdxl_time_ids",
+    "slot_info",
+    "BrushDataShards",
+    "FolderDataset",
+    "SyntheticShapes",
+    "SyntheticScene",
+    "synthetic_scene",
+    "SYNTHETIC_COLORS",
+    "SYNTHETIC_SHAPES",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+Resolution = int | tuple[int, int]
+
+
+class MalformedSample(ValueError):
+    """A sample that cannot be used (missing member, undecodable image, bad RLE...). Readers skip and count it."""
+
+
+# --------------------------------------------------------------------------------------------------------- decoding
+def rle_decode(rle: Sequence[int] | str, height: int, width: int) -> np.ndarray:
+    """Decode BrushData's RLE into an (height, width) uint8 {0, 1} mask.
+
+    Format: flat 1-based (start, length) pairs over the image flattened in **column-major** (Fortran) order, as a
+    list of ints or a whitespace-separated string. Why strict checks: a wrong height/width or a truncated RLE would
+    otherwise silently produce a shifted mask that trains the branch on the wrong region.
+    """
+    try:
+        values = np.asarray(rle.split() if isinstance(rle, str) else rle, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as error:
+        raise MalformedSample(f"RLE is not a list of integers: {str(rle)[:60]!r}") from error
+    if values.size % 2:
+        raise MalformedSample(f"RLE has an odd number of values ({values.size}); it must be (start, length) pairs")
+    starts, lengths = values[0::2] - 1, values[1::2]
+    total = height * width
+    if values.size and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > total):
+        raise MalformedSample(f"RLE runs leave the {height}x{width} image (starts are 1-based, ends ≤ {total})")
+    flat = np.zeros(total, dtype=np.uint8)
+    for start, length in zip(starts.tolist(), lengths.tolist()):
+        flat[start:start + length] = 1
+    return flat.reshape((height, width), order="F")
+
+
+def _decode_image(data: bytes) -> np.ndarray:
+    """Bytes (jpg/png/webp...) → (H, W, 3) uint8 RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise MalformedSample(f"image cannot be decoded: {error}") from error
+
+
+def _text(data: bytes | str) -> str:
+    return data.decode("utf-8") if isinstance(data, bytes) else data
+
+
+# --------------------------------------------------------------------------------------------------------- pipeline
+def _pair(resolution: Resolution) -> tuple[int, int]:
+    height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    if height < 8 or width < 8 or height % 8 or width % 8:
+        raise ValueError(f"resolution {resolution!r} must be multiples of 8 (the VAE downsamples by 8), at least 8; "
+                         "use e.g. 512 or (768, 1024).")
+    return int(height), int(width)
+
+
+def prepare_sample(image: np.ndarray, segmentation: np.ndarray, prompt: str, caption: str,
+                   rng: np.random.Generator, resolution: Resolution, *, mask_mode: str = "paper_mix",
+                   key: str = "") -> dict[str, Any]:
+    """Resize (short side to fit), randomly crop to ``resolution``, then draw the training mask from the crop.
+
+    Why this order: the crop is chosen so that it contains a random pixel of the object (the hole can never be
+    cropped away, and large objects are seen from different parts), and the mask generator then runs at training
+    resolution, where its size parameters (fractions of the short side) mean the same for every source image.
+    ``image`` (H, W, 3) uint8 RGB, ``segmentation`` (H, W) non-zero = object. See the module docstring for outputs.
+    """
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode {mask_mode!r} is not one of {', '.join(MASK_MODES)}.")
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise MalformedSample(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if segmentation.shape != image.shape[:2]:
+        raise MalformedSample(f"segmentation {segmentation.shape} does not match image {image.shape[:2]}")
+    target_h, target_w = _pair(resolution)
+    orig_h, orig_w = image.shape[:2]
+    ys, xs = np.nonzero(segmentation)
+    if ys.size == 0:
+        raise MalformedSample("the object's segmentation is empty")
+    scale = max(target_h / orig_h, target_w / orig_w)
+    new_h, new_w = max(target_h, round(orig_h * scale)), max(target_w, round(orig_w * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    seg = cv2.resize((segmentation != 0).astype(np.uint8), (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+    resized_ys, resized_xs = np.nonzero(seg)
+    if resized_ys.size:
+        pick = int(rng.integers(resized_ys.size))
+        py, px = int(resized_ys[pick]), int(resized_xs[pick])
+    else:  # an object thinner than the downscale vanished: keep one of its pixels so the hole is never empty
+        pick = int(rng.integers(ys.size))
+        py, px = min(int(ys[pick] * scale), new_h - 1), min(int(xs[pick] * scale), new_w - 1)
+        seg[py, px] = 1
+    top = int(rng.integers(max(0, py - target_h + 1), min(new_h - target_h, py) + 1))
+    left = int(rng.integers(max(0, px - target_w + 1), min(new_w - target_w, px) + 1))
+    crop = resized[top:top + target_h, left:left + target_w]
+    seg_crop = seg[top:top + target_h, left:left + target_w]
+    if mask_mode == "paper_mix":
+        mask, kind = paper_mix_mask(seg_crop, rng)
+    else:
+        mask, kind = generate_mask(seg_crop, mask_mode, rng), mask_mode
+    pixels = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return {
+        "pixel_values": pixels,
+        "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None],
+        "prompt": prompt,
+        "caption": caption,
+        "original_size": (orig_h, orig_w),
+        "crops_coords_top_left": (top, left),
+        "target_size": (target_h, target_w),
+        "mask_kind": kind,
+        "key": key,
+    }
+
+
+def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of :func:`prepare_sample` dicts; texts stay lists of str (tokenized in the loop, not here).
+
+    Sizes become (B, 2) long tensors; :func:`sdxl_time_ids` turns them into SDXL's ``time_ids``.
+    """
+    if not samples:
+        raise ValueError("collate_samples got an empty batch; check that the dataset yields samples.")
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "mask": torch.stack([s["mask"] for s in samples]),
+        "prompt": [s["prompt"] for s in samples],
+        "caption": [s["caption"] for s in samples],
+        "original_size": torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
+        "crops_coords_top_left": torch.tensor([s["crops_coords_top_left"] for s in samples], dtype=torch.long),
+        "target_size": torch.tensor([s["target_size"] for s in samples], dtype=torch.long),
+        "mask_kind": [s["mask_kind"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+
+
+def sdxl_time_ids(batch: dict[str, Any], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """SDXL ``add_time_ids`` (B, 6) = original_size ‖ crops_coords_top_left ‖ target_size, the order of
+    diffusers' ``StableDiffusionXLPipeline._get_add_time_ids``."""
+    return torch.cat([batch["original_size"], batch["crops_coords_top_left"], batch["target_size"]], dim=1).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------- sharding
+def slot_info(rank: int, world_size: int) -> tuple[int, int]:
+    """(slot, number of slots) of the calling process: slot = rank · workers + worker id.
+
+    Why both levels: DDP ranks each run their own DataLoader workers; splitting only by rank would make every worker
+    of a rank yield the same samples, splitting only by worker would repeat them on every rank.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size} is invalid; need 0 <= rank < world_size "
+                         "(accelerator.process_index, accelerator.num_processes).")
+    info = get_worker_info()
+    workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+    return rank * workers + worker, world_size * workers
+
+
+def _sample_seed(seed: int, epoch: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode("utf-8"))])
+
+
+class _SlotStream(IterableDataset):
+    """Shared machinery: epochs, per-slot split, shuffle buffer, per-sample generators, skip counting."""
+
+    def __init__(self, resolution: Resolution, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 mask_mode: str = "paper_mix", shuffle: bool = True, shuffle_buffer: int = 256,
+                 repeat: bool = False) -> None:
+        super().__init__()
+        self.resolution = _pair(resolution)
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode {mask_mode!r} is not one of {', '.join(MASK_MODES)}.")
+        slot_info(rank, world_size)  # validate early, in the main process
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.mask_mode, self.shuffle, self.shuffle_buffer, self.repeat = mask_mode, shuffle, shuffle_buffer, repeat
+        #: Counts of skipped samples by exception type, in this process (each DataLoader worker keeps its own and logs).
+        self.skipped: Counter[str] = Counter()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start from ``epoch`` (changes shuffles and per-sample draws; used when resuming)."""
+        self.epoch = epoch
+
+    def _units(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        """Raw records of this slot for one epoch (each with a ``key``); subclasses implement."""
+        raise NotImplementedError
+
+    def _build(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """Turn a raw record into a training sample (may raise MalformedSample); subclasses implement."""
+        raise NotImplementedError
+
+    def _skip(self, key: str, error: Exception) -> None:
+        self.skipped[type(error).__name__] += 1
+        total = sum(self.skipped.values())
+        level = logging.WARNING if total <= 20 else logging.DEBUG
+        logger.log(level, "skipping malformed sample %r (%s); %d skipped so far in this worker", key, error, total)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, slots = slot_info(self.rank, self.world_size)
+        epoch = self.epoch
+        while True:
+            shuffle_rng = np.random.default_rng([self.seed, epoch, slot, 7919])
+            buffer: list[dict[str, Any]] = []
+            for record in self._units(epoch, slot, slots):
+                try:
+                    sample = self._build(record, _sample_seed(self.seed, epoch, record["key"]))
+                except (MalformedSample, KeyError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as error:
+                    self._skip(record.get("key", "?"), error)
+                    continue
+                if not self.shuffle:
+                    yield sample
+                    continue
+                buffer.append(sample)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
+            while buffer:
+                yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
+            if self.skipped:
+                logger.info("epoch %d slot %d/%d: skipped %s", epoch, slot, slots, dict(self.skipped))
+            if not self.repeat:
+                return
+            epoch += 1
+
+
+def _split(items: Sequence[Any], epoch: int, seed: int, slot: int, slots: int, shuffle: bool) -> list[Any]:
+    """This slot's share of ``items``: an epoch permutation common to all slots (same seed everywhere), then every
+    ``slots``-th element, so the slots partition the items exactly."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(items)) if shuffle else np.arange(len(items))
+    return [items[i] for i in order[slot::slots]]
+
+
+# --------------------------------------------------------------------------------------------------------- BrushData
+def _expand_shards(shards: str | Path | Sequence[str | Path]) -> list[str]:
+    if isinstance(shards, (str, Path)):
+        path = Path(shards)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob("*.tar"))
+            if not found:
+                raise ValueError(f"no *.tar shards in directory {path}; point --data at the shard folder or a "
+                                 "brace pattern like 'shards/{00000..00099}.tar'.")
+            return found
+        from braceexpand import braceexpand
+
+        return list(braceexpand(str(shards)))
+    result = [str(s) for s in shards]
+    if not result:
+        raise ValueError("the shard list is empty; pass at least one .tar path.")
+    return result
+
+
+class BrushDataShards(_SlotStream):
+    """BrushData / PainterData webdataset shards.
+
+    Members per sample key: ``.image`` (jpg/png bytes), ``.caption`` (text), ``.height``, ``.width`` (text ints),
+    ``.segmentation`` (JSON ``{"mask": [rle, ...]}``, see :func:`rle_decode`) and optionally ``.local_caption``: a
+    JSON list aligned with the masks (null/"" = no local caption for that object) or plain text, which describes the
+    *first* object (the object choice is then fixed to it). One object with a non-empty mask is chosen per sample
+    (uniformly); only that RLE is decoded.
+
+    Reading uses webdataset's tar iterators (``url_opener`` → ``tar_file_expander`` → ``group_by_keys``: local
+    paths, ``pipe:`` URLs and the key/extension conventions of the format), but not ``wds.WebDataset``: its split
+    hooks (``nodesplitter``/``workersplitter``) changed between 0.2 and 1.x, and we need an exact rank × worker
+    partition (see :func:`slot_info`) and per-sample error counting. With at least as many shards as slots, shards
+    are split; with fewer, every slot reads all shards and keeps every slots-th sample (correct, more I/O; logged).
+    """
+
+    def __init__(self, shards: str | Path | Sequence[str | Path], resolution: Resolution, **kwargs: Any) -> None:
+        super().__init__(resolution, **kwargs)
+        self.shards = _expand_shards(shards)
+
+    def _units(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+        def tar_error(error: Exception) -> bool:
+            self._skip("<shard>", error)
+            return True
+
+        if len(self.shards) >= slots:
+            urls, keep = _split(self.shards, epoch, self.seed, slot, slots, self.shuffle), None
+        else:
+            if epoch == self.epoch and slot == 0:
+                logger.warning("%d shards for %d rank×worker slots: every slot reads all shards and keeps 1/%d of "
+                               "the samples; write more shards for less I/O", len(self.shards), slots, slots)
+            urls, keep = _split(self.shards, epoch, self.seed, 0, 1, self.shuffle), (slot, slots)
+        stream = group_by_keys(tar_file_expander(url_opener([{"url": u} for u in urls], handler=tar_error),
+                                                 handler=tar_error), handler=tar_error)
+        for index, raw in enumerate(stream):
+            if keep is not None and index % keep[1] != keep[0]:
+                continue
+            raw["key"] = raw.get("__key__", f"#{index}")
+            yield raw
+
+    def _build(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        missing = [m for m in ("image", "caption", "height", "width", "segmentation") if m not in record]
+        if missing:
+            raise MalformedSample(f"missing members: {', '.join('.' + m for m in missing)}")
+        height, width = int(_text(record["height"]).strip()), int(_text(record["width"]).strip())
+        segmentation = json.loads(_text(record["segmentation"]))
+        rles = segmentation.get("mask") if isinstance(segmentation, dict) else None
+        if not isinstance(rles, list) or not rles:
+            raise MalformedSample('segmentation JSON has no non-empty "mask" list')
+        caption = _text(record["caption"]).strip()
+        local = self._local_captions(record.get("local_caption"), len(rles))
+        image = _decode_image(record["image"])
+        if image.shape[:2] != (height, width):
+            raise MalformedSample(f"image is {image.shape[0]}x{image.shape[1]} but .height/.width say "
+                                  f"{height}x{width}")
+        candidates = [0] if isinstance(local, str) else list(rng.permutation(len(rles)))
+        for index in candidates:
+            seg = rle_decode(rles[index], height, width)
+            if seg.any():
+                text = local if isinstance(local, str) else local[index]
+                prompt = text.strip() if text and text.strip() else caption
+                return prepare_sample(image, seg, prompt, caption, rng, self.resolution, mask_mode=self.mask_mode,
+                                      key=record["key"])
+        raise MalformedSample("every object mask is empty")
+
+    @staticmethod
+    def _local_captions(data: bytes | str | None, count: int) -> str | list[str | None]:
+        if data is None:
+            return [None] * count
+        text = _text(data).strip()
+        if text.startswith("["):
+            values = json.loads(text)
+            if len(values) != count or not all(v is None or isinstance(v, str) for v in values):
+                raise MalformedSample(f"local_caption list has {len(values)} entries for {count} masks "
+                                      "(must be aligned strings/null)")
+            return values
+        return text
+
+
+# --------------------------------------------------------------------------------------------------------- folder
+class FolderDataset(_SlotStream):
+    """A plain folder: ``NAME.png|jpg|jpeg|webp|bmp`` image, ``NAME_mask.png`` object mask (non-zero = object; the
+    training mask is drawn from it by ``mask_mode``; use ``mask_mode="segmentation"`` to train on it as drawn),
+    ``NAME.txt`` local caption (the prompt) and optional ``NAME.caption.txt`` global caption (defaults to the local
+    one). Subfolders are searched too. Images without a mask file are skipped and counted.
+
+    Why this naming: it is what inpainting datasets exported from editors look like (image + mask + text side by
+    side), and it needs no manifest.
+    """
+
+    def __init__(self, root: str | Path, resolution: Resolution, **kwargs: Any) -> None:
+        super().__init__(resolution, **kwargs)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"folder dataset root {self.root} is not a directory.")
+        self.items = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                            and not p.stem.endswith("_mask") and p.is_file())
+        if not self.items:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}; see FolderDataset's "
+                             "docstring for the NAME.png + NAME_mask.png + NAME.txt layout.")
+
+    def _units(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        for path in _split(self.items, epoch, self.seed, slot, slots, self.shuffle):
+            yield {"key": str(path.relative_to(self.root).with_suffix("")), "path": path}
+
+    def _build(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        path: Path = record["path"]
+        mask_path = path.with_name(path.stem + "_mask.png")
+        text_path = path.with_suffix(".txt")
+        if not mask_path.is_file():
+            raise MalformedSample(f"missing mask file {mask_path.name}")
+        if not text_path.is_file():
+            raise MalformedSample(f"missing caption file {text_path.name}")
+        image = _decode_image(path.read_bytes())
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise MalformedSample(f"mask file {mask_path.name} cannot be decoded")
+        if mask.shape != image.shape[:2]:
+            raise MalformedSample(f"mask {mask.shape} and image {image.shape[:2]} sizes differ")
+        prompt = text_path.read_text(encoding="utf-8").strip()
+        caption_path = path.with_name(path.stem + ".caption.txt")
+        caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else prompt
+        return prepare_sample(image, mask > 127, prompt, caption, rng, self.resolution, mask_mode=self.mask_mode,
+                              key=record["key"])
+
+
+# --------------------------------------------------------------------------------------------------------- synthetic
+SYNTHETIC_COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40),
+    "white": (245, 245, 245), "black": (15, 15, 15), "orange": (245, 140, 20), "purple": (140, 50, 180),
+}
+SYNTHETIC_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+
+
+@dataclass(frozen=True)
+class SyntheticScene:
+    """One synthetic image, its objects as (segmentation uint8 {0,1}, local caption) and its global caption."""
+
+    image: np.ndarray
+    objects: list[tuple[np.ndarray, str]]
+    caption: str
+
+
+def _draw_shape(canvas: np.ndarray, seg: np.ndarray, shape: str, color: tuple[int, int, int],
+                center: tuple[int, int], radius: int, angle: float) -> None:
+    cx, cy = center
+    if shape == "circle":
+        cv2.circle(canvas, (cx, cy), radius, color, -1, cv2.LINE_AA)
+        cv2.circle(seg, (cx, cy), radius, 1, -1)
+        return
+    if shape == "square":
+        corners = [angle + math.pi / 4 + k * math.pi / 2 for k in range(4)]
+        points = [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in corners]
+    elif shape == "triangle":
+        corners = [angle + k * 2 * math.pi / 3 for k in range(3)]
+        points = [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in corners]
+    else:  # star: 5 outer points, inner radius 0.45
+        points = [(cx + r * math.cos(angle + k * math.pi / 5), cy + r * math.sin(angle + k * math.pi / 5))
+                  for k in range(10) for r in [radius if k % 2 == 0 else 0.45 * radius]]
+    polygon = np.round(np.array(points)).astype(np.int32)
+    cv2.fillPoly(canvas, [polygon], color, cv2.LINE_AA)
+    cv2.fillPoly(seg, [polygon], 1)
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def synthetic_scene(index: int, seed: int = 0, size: tuple[int, int] = (96, 128), max_objects: int = 2) -> SyntheticScene:
+    """Scene ``index``: a two-colour gradient background and 1..max_objects coloured shapes, each with its own
+    segmentation and local caption ("red circle"); global caption "a red circle and an orange star on a green
+    background" (only words the tiny tokenizer knows). A pure function of (index, seed, size): tests and the smoke run can rely on exact pixels."""
+    rng = np.random.default_rng([seed, index, 104729])
+    height, width = size
+    names = list(SYNTHETIC_COLORS)
+    background = names[int(rng.integers(len(names)))]
+    base = np.array(SYNTHETIC_COLORS[background], dtype=np.float32)
+    ramp = np.linspace(-25.0, 25.0, width, dtype=np.float32)[None, :, None]
+    canvas = np.clip(base[None, None, :] + ramp + rng.normal(0, 4, (height, width, 3)), 0, 255).astype(np.uint8)
+    objects: list[tuple[np.ndarray, str]] = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        color = names[int(rng.integers(len(names)))]
+        while color == background:
+            color = names[int(rng.integers(len(names)))]
+        shape = SYNTHETIC_SHAPES[int(rng.integers(len(SYNTHETIC_SHAPES)))]
+        radius = int(rng.integers(max(3, min(size) // 8), max(4, min(size) // 3)))
+        center = (int(rng.integers(radius, width - radius)), int(rng.integers(radius, height - radius)))
+        seg = np.zeros((height, width), dtype=np.uint8)
+        _draw_shape(canvas, seg, shape, SYNTHETIC_COLORS[color], center, radius, float(rng.uniform(0, 2 * math.pi)))
+        for earlier, _ in objects:  # later shapes occlude earlier ones
+            earlier[seg != 0] = 0
+        objects.append((seg, f"{color} {shape}"))
+    objects = [(seg, text) for seg, text in objects if seg.any()]
+    caption = " and ".join(_article(text) for _, text in objects) + f" on {_article(background)} background"
+    return SyntheticScene(canvas, objects, caption)
+
+
+class SyntheticShapes(_SlotStream):
+    """``length`` synthetic scenes (see :func:`synthetic_scene`); sample i uses the object chosen by its own
+    generator and its local caption as the prompt. Deterministic by ``seed`` (and epoch) whatever the slot layout."""
+
+    def __init__(self, length: int, resolution: Resolution, *, image_size: tuple[int, int] = (96, 128),
+                 **kwargs: Any) -> None:
+        super().__init__(resolution, **kwargs)
+        if length < 1:
+            raise ValueError(f"length must be ≥ 1, got {length}.")
+        self.length, self.image_size = length, image_size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _units(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        for index in _split(list(range(self.length)), epoch, self.seed, slot, slots, self.shuffle):
+            yield {"key": f"synthetic-{index:06d}", "index": index}
+
+    def _build(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        scene = synthetic_scene(record["index"], self.seed, self.image_size)
+        seg, local = scene.objects[int(rng.integers(len(scene.objects)))]
+        return prepare_sample(scene.image, seg, local, scene.caption, rng, self.resolution,
+                              mask_mode=self.mask_mode, key=record["key"])
