@@ -1,0 +1,486 @@
+"""PainterBench-style evaluation of inpainting results (paper §4.1, DESIGN §8).
+
+Inputs: a benchmark (a folder holding ``manifest.jsonl``/``manifest.csv`` as written by ``training/bench_manifest.py``,
+or such a manifest file) of items (id, image, mask, local prompt, global prompt), and a :class:`Generator` that gives
+the inpainted image of an item — here a folder of already generated images matched by id or source file name; a
+generator that runs a PainterNet branch plugs in through the same one-method protocol.
+
+Outputs in ``--out-dir``: ``per_image.csv`` (one row per item), ``summary.csv`` and ``summary.md`` (means overall and
+per mask kind). A metric whose model flag is not given is not computed and its column is absent; a metric that is
+undefined for an item (e.g. PSNR when the mask covers the whole image) is an empty cell and is left out of the mean.
+
+Usage::
+
+    python training/evaluate.py --manifest bench/ --generated outputs/ --out-dir eval/ \\
+        --clip models/clip-vit-large-patch14 --aesthetic-head models/sac+logos+ava1-l14-linearMSE.pth \\
+        --gdino models/grounding-dino-base --device cuda
+    python training/evaluate.py --merge eval/per_image.csv eval_ir/per_image.csv --out-dir eval_all/
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+if __package__ in (None, ""):  # run as `python training/evaluate.py`: make `training` and `painternet_core` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.metrics import (  # noqa: E402
+    PSNR_CAP_DB,
+    AestheticScorer,
+    ClipScorer,
+    GroundingDinoScorer,
+    ImageRewardScorer,
+    LpipsScorer,
+    PromptImageScorer,
+    binarize_mask,
+    crop_mask_region,
+    unmasked_region_metrics,
+)
+
+logger = logging.getLogger("painternet.training")
+
+__all__ = [
+    "BenchItem",
+    "read_manifest",
+    "Generator",
+    "FolderGenerator",
+    "MetricSuite",
+    "METRIC_COLUMNS",
+    "ITEM_COLUMNS",
+    "evaluate",
+    "summarize",
+    "write_per_image_csv",
+    "read_per_image_csv",
+    "write_summary",
+    "merge_results",
+    "main",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+#: Descriptive columns that start every per-image row.
+ITEM_COLUMNS: tuple[str, ...] = ("id", "mask_mode", "mask_area", "local_prompt", "global_prompt")
+#: Every metric column in output order; a run writes the subset its models allow.
+METRIC_COLUMNS: tuple[str, ...] = ("clip_sim", "local_clip_sim", "aesthetic", "image_reward", "gdino_hit",
+                                   "gdino_iou", "psnr", "mse", "lpips")
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    """One benchmark item. Paths are absolute; ``mask_mode`` is the kind of mask (segmentation/box/irregular)."""
+
+    id: str
+    image_path: Path
+    mask_path: Path
+    local_prompt: str
+    global_prompt: str = ""
+    mask_mode: str = ""
+
+    def load_image(self) -> Image.Image:
+        with Image.open(self.image_path) as image:
+            return image.convert("RGB")
+
+    def load_mask(self) -> np.ndarray:
+        """Float32 HxW in {0, 1}, 1 = region to generate (a grey PNG is binarised at 128)."""
+        with Image.open(self.mask_path) as image:
+            array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        return binarize_mask(array).astype(np.float32)
+
+    @property
+    def clip_prompt(self) -> str:
+        """The prompt for whole-image scores: the global prompt, or the local one when the item has none."""
+        return self.global_prompt or self.local_prompt
+
+
+_REQUIRED = ("image", "mask", "local_prompt")
+
+
+def _item_from_record(record: dict[str, Any], base: Path, where: str) -> BenchItem:
+    missing = [key for key in _REQUIRED if not str(record.get(key) or "").strip()]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)}; each item needs image, mask and local_prompt "
+                         "(id, global_prompt and mask_mode are optional)")
+    image = (base / str(record["image"])).resolve()
+    mask = (base / str(record["mask"])).resolve()
+    for path, key in ((image, "image"), (mask, "mask")):
+        if not path.is_file():
+            raise ValueError(f"{where}: {key} file {str(path)!r} does not exist; paths are relative to the manifest")
+    return BenchItem(id=str(record.get("id") or image.stem), image_path=image, mask_path=mask,
+                     local_prompt=str(record["local_prompt"]).strip(),
+                     global_prompt=str(record.get("global_prompt") or "").strip(),
+                     mask_mode=str(record.get("mask_mode") or ""))
+
+
+def read_manifest(path: str | Path) -> list[BenchItem]:
+    """Read a benchmark: a ``.jsonl`` (one JSON object a line) or ``.csv`` (header row) manifest, or a folder holding
+    ``manifest.jsonl`` or ``manifest.csv``. Keys: ``image``, ``mask``, ``local_prompt`` (required), ``id`` (default:
+    the image's file stem), ``global_prompt``, ``mask_mode``; relative paths are relative to the manifest's folder.
+    """
+    source = Path(path).expanduser()
+    if source.is_dir():
+        for name in ("manifest.jsonl", "manifest.csv"):
+            if (source / name).is_file():
+                source = source / name
+                break
+        else:
+            raise ValueError(f"folder {str(path)!r} has no manifest.jsonl or manifest.csv; build one with "
+                             "training/bench_manifest.py or pass the manifest file")
+    if not source.is_file():
+        raise ValueError(f"manifest {str(path)!r} does not exist; pass a .jsonl/.csv manifest or its folder")
+    base = source.parent
+    records: list[tuple[dict[str, Any], str]] = []
+    if source.suffix.lower() in (".jsonl", ".json"):
+        with source.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{source}:{number} is not JSON ({error}); write one object per line") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{source}:{number} is a {type(record).__name__}, not a JSON object")
+                records.append((record, f"{source}:{number}"))
+    elif source.suffix.lower() == ".csv":
+        with source.open(encoding="utf-8", newline="") as handle:
+            for number, record in enumerate(csv.DictReader(handle), 2):
+                records.append((record, f"{source}:{number}"))
+    else:
+        raise ValueError(f"manifest {str(source)!r} has suffix {source.suffix!r}; use .jsonl or .csv")
+    items = [_item_from_record(record, base, where) for record, where in records]
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise ValueError(f"manifest {source} repeats id {item.id!r}; ids must be unique (they name the outputs)")
+        seen.add(item.id)
+    return items
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Gives the inpainted image of a benchmark item.
+
+    Why a protocol: the evaluator does not care whether images were generated earlier (:class:`FolderGenerator`) or
+    are produced now by a PainterNet branch through the reference pipeline; either implements this one method.
+    """
+
+    def generate(self, item: BenchItem) -> Image.Image: ...
+
+
+class FolderGenerator:
+    """Already generated images in a folder, matched to an item by ``<id>.<ext>`` first, then by the source image's
+    file name (``<name>`` or ``<stem>.<ext>``); ext is one of png, jpg, jpeg, webp, bmp."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+        if not self.folder.is_dir():
+            raise ValueError(f"generated-images folder {str(folder)!r} does not exist; pass the folder of outputs")
+        self._by_name = {path.name: path for path in self.folder.iterdir() if path.is_file()}
+        self._by_stem: dict[str, Path] = {}
+        for path in sorted(self._by_name.values()):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                self._by_stem.setdefault(path.stem, path)
+
+    def find(self, item: BenchItem) -> Path:
+        for stem in (item.id, item.image_path.stem):
+            if stem in self._by_stem:
+                return self._by_stem[stem]
+        if item.image_path.name in self._by_name:
+            return self._by_name[item.image_path.name]
+        raise FileNotFoundError(f"no generated image for item {item.id!r} in {self.folder}: looked for "
+                                f"{item.id}.<ext>, {item.image_path.stem}.<ext> and {item.image_path.name}")
+
+    def generate(self, item: BenchItem) -> Image.Image:
+        with Image.open(self.find(item)) as image:
+            return image.convert("RGB")
+
+
+@dataclass
+class MetricSuite:
+    """The scorers of one run; ``None`` skips a metric (and drops its column). Pixel metrics need no model."""
+
+    clip: ClipScorer | None = None
+    aesthetic: AestheticScorer | None = None
+    image_reward: PromptImageScorer | None = None
+    gdino: GroundingDinoScorer | None = None
+    lpips: LpipsScorer | None = None
+    pixel_metrics: bool = True
+    psnr_cap: float = PSNR_CAP_DB
+
+    def columns(self) -> list[str]:
+        """The metric columns this suite fills, in :data:`METRIC_COLUMNS` order."""
+        present = {
+            "clip_sim": self.clip is not None, "local_clip_sim": self.clip is not None,
+            "aesthetic": self.aesthetic is not None, "image_reward": self.image_reward is not None,
+            "gdino_hit": self.gdino is not None, "gdino_iou": self.gdino is not None,
+            "psnr": self.pixel_metrics, "mse": self.pixel_metrics, "lpips": self.lpips is not None,
+        }
+        return [column for column in METRIC_COLUMNS if present[column]]
+
+    def score(self, item: BenchItem, generated: Image.Image, reference: Image.Image,
+              mask: np.ndarray) -> dict[str, float]:
+        """All metrics of one item. CLIP values are 100·cosine, as in the paper's tables."""
+        row: dict[str, float] = {}
+        if self.clip is not None:
+            crop = crop_mask_region(generated, mask)
+            cosines = self.clip.cosine([generated, crop], [item.clip_prompt, item.local_prompt])
+            row["clip_sim"] = 100.0 * float(cosines[0])
+            row["local_clip_sim"] = 100.0 * float(cosines[1])
+        if self.aesthetic is not None:
+            row["aesthetic"] = float(self.aesthetic.score([generated])[0])
+        if self.image_reward is not None:
+            row["image_reward"] = float(self.image_reward.score(item.clip_prompt, generated))
+        if self.gdino is not None:
+            hit, iou = self.gdino.evaluate(generated, item.local_prompt, mask)
+            row["gdino_hit"] = float(hit)
+            row["gdino_iou"] = iou
+        if self.pixel_metrics:
+            region = unmasked_region_metrics(generated, reference, mask, self.psnr_cap)
+            row["psnr"] = region.psnr
+            row["mse"] = region.mse
+        if self.lpips is not None:
+            row["lpips"] = self.lpips.distance(generated, reference, mask)
+        return row
+
+
+def evaluate(items: Sequence[BenchItem], generator: Generator, suite: MetricSuite, limit: int | None = None,
+             skip_missing: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Score the first ``limit`` items; returns per-image rows (``ITEM_COLUMNS`` + the suite's columns).
+
+    A generated image whose size differs from the source is resized to the source size (Lanczos) so the pixel
+    metrics compare the same pixels. With ``skip_missing`` an item the generator cannot produce
+    (``FileNotFoundError``) is logged and left out instead of stopping the run.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be >= 1 (or None for all items)")
+    chosen = list(items)[:limit] if limit is not None else list(items)
+    rows: list[dict[str, Any]] = []
+    iterator: Iterable[BenchItem] = chosen
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(chosen, desc="evaluate", unit="img")
+    for item in iterator:
+        try:
+            generated = generator.generate(item)
+        except FileNotFoundError as error:
+            if not skip_missing:
+                raise
+            logger.warning("skipping %s: %s", item.id, error)
+            continue
+        reference = item.load_image()
+        mask = item.load_mask()
+        if mask.shape != (reference.height, reference.width):
+            raise ValueError(f"item {item.id!r}: mask {item.mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
+                             f"is {reference.width}x{reference.height}; masks must match their images")
+        if generated.size != reference.size:
+            logger.debug("resizing generated %s from %s to %s", item.id, generated.size, reference.size)
+            generated = generated.resize(reference.size, Image.LANCZOS)
+        row: dict[str, Any] = {"id": item.id, "mask_mode": item.mask_mode, "mask_area": float(mask.mean()),
+                               "local_prompt": item.local_prompt, "global_prompt": item.global_prompt}
+        row.update(suite.score(item, generated, reference, mask))
+        rows.append(row)
+    return rows
+
+
+def _metric_columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
+    present = set().union(*(row.keys() for row in rows)) if rows else set()
+    return [column for column in METRIC_COLUMNS if column in present]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return "" if value is None else str(value)
+
+
+def write_per_image_csv(rows: Sequence[dict[str, Any]], path: str | Path,
+                        columns: Sequence[str] | None = None) -> list[str]:
+    """Write ``ITEM_COLUMNS`` + metric columns (``columns`` or those present in ``rows``); NaN → empty cell.
+
+    Returns the header written.
+    """
+    header = list(ITEM_COLUMNS) + list(columns if columns is not None else _metric_columns_of(rows))
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([_format(row.get(column)) for column in header])
+    return header
+
+
+def read_per_image_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Read a ``per_image.csv`` back; metric cells become floats (empty → NaN)."""
+    source = Path(path)
+    if not source.is_file():
+        raise ValueError(f"per-image CSV {str(path)!r} does not exist")
+    rows = []
+    with source.open(encoding="utf-8", newline="") as handle:
+        for record in csv.DictReader(handle):
+            row: dict[str, Any] = {}
+            for key, value in record.items():
+                if key in METRIC_COLUMNS or key == "mask_area":
+                    row[key] = float(value) if value not in ("", None) else math.nan
+                else:
+                    row[key] = value
+            rows.append(row)
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Means of every metric column: one row for ``all`` then one per mask kind (sorted), each with ``n`` items.
+
+    NaN cells (undefined metrics) are left out of a mean; ``gdino_hit``'s mean is the Gdino accuracy.
+    """
+    columns = _metric_columns_of(rows)
+    groups: dict[str, list[dict[str, Any]]] = {"all": list(rows)}
+    for mode in sorted({str(row.get("mask_mode") or "") for row in rows} - {""}):
+        groups[mode] = [row for row in rows if row.get("mask_mode") == mode]
+    summary = []
+    for name, members in groups.items():
+        entry: dict[str, Any] = {"group": name, "n": len(members)}
+        for column in columns:
+            values = [float(row[column]) for row in members
+                      if column in row and row[column] is not None and not math.isnan(float(row[column]))]
+            entry[column] = float(np.mean(values)) if values else math.nan
+        summary.append(entry)
+    return summary
+
+
+def write_summary(summary: Sequence[dict[str, Any]], csv_path: str | Path, markdown_path: str | Path) -> str:
+    """Write the summary as CSV and as a markdown table; returns the markdown (what the CLI prints)."""
+    columns = ["group", "n"] + [column for column in METRIC_COLUMNS if summary and column in summary[0]]
+    with Path(csv_path).open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for entry in summary:
+            writer.writerow([_format(entry.get(column)) for column in columns])
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.4f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(entry.get(column)) for column in columns) + " |" for entry in summary]
+    markdown = "\n".join(lines) + "\n"
+    Path(markdown_path).write_text(markdown, encoding="utf-8")
+    return markdown
+
+
+def merge_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Join per-image CSVs of the same benchmark by ``id`` (a later file's non-empty cell wins).
+
+    Why: ImageReward runs in its own environment; its CSV and the main one become one table.
+    """
+    if not paths:
+        raise ValueError("merge needs at least one per_image.csv")
+    merged: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for row in read_per_image_csv(path):
+            target = merged.setdefault(row["id"], {})
+            for key, value in row.items():
+                empty = value in ("", None) or (isinstance(value, float) and math.isnan(value))
+                if not empty or key not in target:
+                    target[key] = value
+    return list(merged.values())
+
+
+def _write_outputs(rows: Sequence[dict[str, Any]], out_dir: Path, columns: Sequence[str] | None) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_per_image_csv(rows, out_dir / "per_image.csv", columns)
+    return write_summary(summarize(rows), out_dir / "summary.csv", out_dir / "summary.md")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="PainterBench-style evaluation: CLIP Sim, local CLIP Sim, aesthetic score, ImageReward, Gdino "
+                    "accuracy, and PSNR/MSE/LPIPS on the unmasked region. Metrics whose model is not given are "
+                    "skipped (their column is absent).")
+    source = parser.add_argument_group("inputs")
+    source.add_argument("--manifest", help="benchmark folder (with manifest.jsonl/.csv) or manifest file")
+    source.add_argument("--generated", help="folder of generated images named <id>.<ext> or like the source image")
+    source.add_argument("--merge", nargs="+", metavar="CSV",
+                        help="instead of evaluating, join these per_image.csv files by id and summarise them")
+    source.add_argument("--out-dir", required=True, help="writes per_image.csv, summary.csv, summary.md here")
+    source.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    source.add_argument("--skip-missing", action="store_true", help="log and skip items without a generated image")
+    models = parser.add_argument_group("models (local paths; nothing is downloaded)")
+    models.add_argument("--clip", help="CLIPModel folder for CLIP Sim and local CLIP Sim (paper: ViT-L/14)")
+    models.add_argument("--aesthetic-head", help="LAION aesthetic head state dict (.pth/.safetensors)")
+    models.add_argument("--aesthetic-clip", help="CLIP ViT-L/14 folder for the aesthetic head (default: --clip)")
+    models.add_argument("--image-reward", metavar="CKPT", help="ImageReward.pt (needs the optional image-reward pkg)")
+    models.add_argument("--image-reward-med-config", metavar="JSON", help="ImageReward's med_config.json")
+    models.add_argument("--gdino", help="GroundingDinoForObjectDetection folder (model + processor)")
+    models.add_argument("--gdino-box-threshold", type=float, default=0.35)
+    models.add_argument("--gdino-text-threshold", type=float, default=0.25)
+    models.add_argument("--gdino-iou", type=float, default=0.5, help="IoU with the mask box that makes a hit")
+    models.add_argument("--lpips-backbone", help="torchvision state dict of the LPIPS backbone (needs `lpips` pkg)")
+    models.add_argument("--lpips-net", default="alex", choices=("alex", "vgg", "squeeze"))
+    models.add_argument("--psnr-cap", type=float, default=PSNR_CAP_DB, help="PSNR reported for identical regions")
+    models.add_argument("--no-pixel-metrics", action="store_true", help="skip PSNR/MSE (e.g. in the ImageReward env)")
+    parser.add_argument("--device", default="cpu", help="torch device for the models, e.g. cuda or cuda:1")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    out_dir = Path(args.out_dir)
+    if args.merge:
+        try:
+            markdown = _write_outputs(merge_results(args.merge), out_dir, None)
+        except ValueError as error:
+            parser.error(str(error))
+        print(markdown, end="")
+        return 0
+    if not args.manifest or not args.generated:
+        parser.error("--manifest and --generated are required (or use --merge)")
+    if bool(args.image_reward) != bool(args.image_reward_med_config):
+        parser.error("--image-reward and --image-reward-med-config go together: pass both local files")
+    if args.aesthetic_head and not (args.aesthetic_clip or args.clip):
+        parser.error("--aesthetic-head needs CLIP ViT-L/14: pass --aesthetic-clip (or --clip)")
+    try:
+        items = read_manifest(args.manifest)
+        generator = FolderGenerator(args.generated)
+        clip = ClipScorer(args.clip, args.device) if args.clip else None
+        aesthetic = None
+        if args.aesthetic_head:
+            same = clip is not None and (not args.aesthetic_clip or args.aesthetic_clip == args.clip)
+            aesthetic_clip = clip if same else ClipScorer(args.aesthetic_clip, args.device)
+            aesthetic = AestheticScorer(args.aesthetic_head, aesthetic_clip)
+        suite = MetricSuite(
+            clip=clip, aesthetic=aesthetic,
+            image_reward=(ImageRewardScorer(args.image_reward, args.image_reward_med_config, args.device)
+                          if args.image_reward else None),
+            gdino=(GroundingDinoScorer(args.gdino, args.device, args.gdino_box_threshold,
+                                       args.gdino_text_threshold, args.gdino_iou) if args.gdino else None),
+            lpips=LpipsScorer(args.lpips_backbone, args.lpips_net, args.device) if args.lpips_backbone else None,
+            pixel_metrics=not args.no_pixel_metrics, psnr_cap=args.psnr_cap)
+    except (ValueError, RuntimeError) as error:
+        parser.error(str(error))
+    if not suite.columns():
+        parser.error("no metric selected: give a model flag (e.g. --clip) or drop --no-pixel-metrics")
+    rows = evaluate(items, generator, suite, limit=args.limit, skip_missing=args.skip_missing,
+                    progress=not args.no_progress)
+    markdown = _write_outputs(rows, out_dir, suite.columns())
+    print(markdown, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
