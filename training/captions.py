@@ -1,0 +1,467 @@
+"""PainterData local captions (paper §3.4, supplement §6.1): a caption per segmentation object of BrushData shards.
+
+Pipeline per object: crop the object's bounding box (padded to a square, the same view the local CLIP metric scores)
+→ an image-to-text :class:`Captioner` (the paper used ShareGPT4V) → optionally a text :class:`Shortener` that keeps
+the main object (the paper used ChatGLM) → a CLIP filter that keeps the caption only if the cosine similarity of the
+crop and the caption is >= 0.2 (the paper's threshold).
+
+Output: new webdataset shards with every input member copied byte for byte plus
+
+* ``<key>.local_caption`` — JSON list aligned with the segmentation masks: the kept caption, or ``null`` for an
+  empty mask, an empty caption or a caption the CLIP filter rejected;
+* ``<key>.local_caption_meta`` — JSON list, same alignment: ``{"caption", "short", "clip"}`` for every non-empty
+  mask (so the threshold can be changed later without captioning again), ``null`` for empty masks.
+
+Resumable: an output shard is written to a hidden temp file and renamed into place when complete, so an existing
+output shard is complete and is skipped on the next run; stale temp files are removed.
+
+Usage::
+
+    python training/captions.py --shards data/brushdata/ --out-dir data/painterdata/ \\
+        --captioner models/blip-large --shortener models/qwen2.5-0.5b-instruct --clip models/clip-vit-large-patch14
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+if __package__ in (None, ""):  # run as `python training/captions.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.metrics import ClipScorer, crop_mask_region  # noqa: E402
+
+logger = logging.getLogger("painternet.training")
+
+__all__ = [
+    "PAPER_CLIP_THRESHOLD",
+    "Captioner",
+    "Shortener",
+    "TransformersCaptioner",
+    "TransformersShortener",
+    "ClipCaptionFilter",
+    "decode_rle",
+    "decode_segmentation",
+    "iter_tar_samples",
+    "ShardStats",
+    "caption_objects",
+    "process_shard",
+    "process_shards",
+    "main",
+]
+
+#: Supplement §6.1: "retain the prompt if the similarity exceeds a threshold of 0.2" (raw cosine, not ×100).
+PAPER_CLIP_THRESHOLD: float = 0.2
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """Image → free-text description of the (cropped) object."""
+
+    def caption(self, image: Image.Image) -> str: ...
+
+
+@runtime_checkable
+class Shortener(Protocol):
+    """Long caption → short, object-centred caption (e.g. "a red vintage car")."""
+
+    def shorten(self, caption: str) -> str: ...
+
+
+def _load_first(loaders: Sequence[Any], path: str, **kwargs: Any) -> Any:
+    errors = []
+    for loader in loaders:
+        try:
+            return loader.from_pretrained(path, **kwargs)
+        except (ValueError, KeyError, OSError) as error:
+            errors.append(f"{loader.__name__}: {error}")
+    raise ValueError(f"could not load {path!r} with any of " + "; ".join(errors))
+
+
+def _local_model(path: str | Path, flag: str) -> str:
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is not a folder; pass a local model folder saved with "
+                         "save_pretrained() (models are never downloaded)")
+    return str(local)
+
+
+class TransformersCaptioner:
+    """Any transformers vision-language model from a local folder (``AutoProcessor`` + ``AutoModelForVision2Seq``,
+    falling back to ``AutoModelForImageTextToText`` and ``AutoModelForCausalLM`` for GIT-style models).
+
+    ``prompt`` conditions the generation: for processors with a chat template (LLaVA-style) it becomes a user turn
+    with the image; otherwise it is passed as the text prefix (BLIP: "a picture of") and stripped from the answer.
+    Greedy decoding, so captions are reproducible.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", prompt: str | None = None, max_new_tokens: int = 40):
+        import torch
+        import transformers
+
+        local = _local_model(path, "--captioner")
+        loaders = [getattr(transformers, name) for name in
+                   ("AutoModelForVision2Seq", "AutoModelForImageTextToText", "AutoModelForCausalLM")
+                   if hasattr(transformers, name)]
+        self.torch = torch
+        self.device = torch.device(device)
+        self.model = _load_first(loaders, local).to(self.device).eval()
+        self.processor = transformers.AutoProcessor.from_pretrained(local)
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+
+    def caption(self, image: Image.Image) -> str:
+        image = image.convert("RGB")
+        text = self.prompt
+        chat = bool(text) and getattr(self.processor, "chat_template", None)
+        if chat:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor(images=image, text=text, return_tensors="pt") if text else \
+            self.processor(images=image, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        with self.torch.no_grad():
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        prompt_ids = inputs.get("input_ids")
+        if prompt_ids is not None and output.shape[1] >= prompt_ids.shape[1] and \
+                self.torch.equal(output[0, :prompt_ids.shape[1]].cpu(), prompt_ids[0].cpu()):
+            output = output[:, prompt_ids.shape[1]:]  # decoder-only models echo the prompt tokens
+        decoded = self.processor.batch_decode(output, skip_special_tokens=True)[0].strip()
+        if self.prompt and not chat and decoded.lower().startswith(self.prompt.lower()):
+            decoded = decoded[len(self.prompt):].strip()
+        return " ".join(decoded.split())
+
+
+DEFAULT_SHORTEN_INSTRUCTION = ("Rewrite this image description as one short phrase that names only the main object "
+                               "and its key attributes, e.g. 'a red vintage car'.\nDescription: {caption}\nPhrase:")
+
+
+class TransformersShortener:
+    """A causal language model from a local folder that shortens captions (the paper's ChatGLM step).
+
+    With a chat template the instruction is a user turn; otherwise it is a plain completion prompt. Greedy decoding;
+    the answer's first line, stripped of quotes and a trailing '.', is the short caption. An empty answer keeps the
+    original caption, so a weak shortener never deletes a caption the CLIP filter could still accept.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", instruction: str = DEFAULT_SHORTEN_INSTRUCTION,
+                 max_new_tokens: int = 24):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if "{caption}" not in instruction:
+            raise ValueError(f"shortener instruction {instruction!r} lacks the {{caption}} placeholder")
+        local = _local_model(path, "--shortener")
+        self.torch = torch
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(local)
+        self.model = AutoModelForCausalLM.from_pretrained(local).to(self.device).eval()
+        self.instruction = instruction
+        self.max_new_tokens = max_new_tokens
+
+    def shorten(self, caption: str) -> str:
+        request = self.instruction.format(caption=caption)
+        if getattr(self.tokenizer, "chat_template", None):
+            request = self.tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+                                                         add_generation_prompt=True)
+        inputs = self.tokenizer(request, return_tensors="pt").to(self.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with self.torch.no_grad():
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                         pad_token_id=pad)
+        answer = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        lines = [line for line in answer.strip().splitlines() if line.strip()]
+        short = lines[0].strip().strip("\"'").rstrip(".").strip() if lines else ""
+        return " ".join(short.split()) or caption
+
+
+@dataclass
+class ClipCaptionFilter:
+    """Keeps a caption iff cosine(CLIP(crop), CLIP(caption)) >= ``threshold`` (0.2 in the paper, supplement §6.1)."""
+
+    clip: ClipScorer
+    threshold: float = PAPER_CLIP_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"CLIP threshold {self.threshold} is a raw cosine and must be in [-1, 1] "
+                             "(the paper uses 0.2, not 20)")
+
+    def scores(self, crops: Sequence[Image.Image], captions: Sequence[str]) -> list[float]:
+        return [float(value) for value in self.clip.cosine(crops, captions)]
+
+    def keep(self, score: float) -> bool:
+        return score >= self.threshold
+
+
+def decode_rle(rle: Sequence[int] | str, height: int, width: int) -> np.ndarray:
+    """BrushData RLE → float32 HxW {0,1}: 1-based (start, length) pairs over the **column-major** flattening.
+
+    Why our own: it is the format BrushNet's ``rle2mask`` reads (``reshape(shape, order='F')``); a string of
+    space-separated numbers is accepted too.
+    """
+    values = [int(v) for v in (rle.split() if isinstance(rle, str) else rle)]
+    if len(values) % 2:
+        raise ValueError(f"RLE has {len(values)} numbers; it must be (start, length) pairs")
+    flat = np.zeros(height * width, dtype=np.float32)
+    for start, length in zip(values[0::2], values[1::2]):
+        if start < 1 or length < 0 or start - 1 + length > flat.size:
+            raise ValueError(f"RLE run (start={start}, length={length}) is outside a {height}x{width} mask; "
+                             "starts are 1-based and runs must end inside the image")
+        flat[start - 1:start - 1 + length] = 1.0
+    return flat.reshape((height, width), order="F")
+
+
+def decode_segmentation(payload: bytes | str, height: int, width: int) -> list[np.ndarray]:
+    """A BrushData ``.segmentation`` member (JSON ``{"mask": [rle, ...]}``) → one mask per object."""
+    data = json.loads(payload)
+    if not isinstance(data, dict) or not isinstance(data.get("mask"), list):
+        raise ValueError('segmentation JSON must be {"mask": [rle, ...]}')
+    return [decode_rle(rle, height, width) for rle in data["mask"]]
+
+
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, list[tuple[tarfile.TarInfo, bytes]]]]:
+    """Yield (key, [(member info, bytes), ...]) per sample, grouping consecutive members by webdataset key (the name
+    up to the first '.' of the file name), in tar order."""
+    with tarfile.open(path, "r") as archive:
+        key: str | None = None
+        members: list[tuple[tarfile.TarInfo, bytes]] = []
+        for info in archive:
+            if not info.isfile():
+                continue
+            match = _KEY.match(info.name)
+            if match is None:
+                logger.warning("%s: member %r has no extension; skipped", path, info.name)
+                continue
+            handle = archive.extractfile(info)
+            payload = handle.read() if handle is not None else b""
+            if match.group(1) != key and members:
+                yield key, members  # type: ignore[misc]
+                members = []
+            key = match.group(1)
+            members.append((info, payload))
+        if members:
+            yield key, members  # type: ignore[misc]
+
+
+@dataclass
+class ShardStats:
+    """What one shard produced (``skipped`` = the output already existed)."""
+
+    shard: str
+    samples: int = 0
+    objects: int = 0
+    kept: int = 0
+    malformed: int = 0
+    skipped: bool = False
+    rejected: list[float] = field(default_factory=list)
+
+
+def caption_objects(image: Image.Image, masks: Sequence[np.ndarray], captioner: Captioner,
+                    shortener: Shortener | None, clip_filter: ClipCaptionFilter | None
+                    ) -> tuple[list[str | None], list[dict[str, Any] | None]]:
+    """Local captions of one image's objects: (kept caption or None per mask, meta per mask).
+
+    Without ``clip_filter`` every non-empty caption is kept and ``clip`` is None in the meta.
+    """
+    crops: list[Image.Image] = []
+    raws: list[str] = []
+    shorts: list[str] = []
+    slots: list[int] = []
+    for index, mask in enumerate(masks):
+        if not (np.asarray(mask) >= 0.5).any():
+            continue
+        crop = crop_mask_region(image, mask)
+        raw = captioner.caption(crop).strip()
+        short = shortener.shorten(raw).strip() if shortener is not None and raw else raw
+        crops.append(crop)
+        raws.append(raw)
+        shorts.append(short)
+        slots.append(index)
+    captions: list[str | None] = [None] * len(masks)
+    meta: list[dict[str, Any] | None] = [None] * len(masks)
+    scored = [n for n, short in enumerate(shorts) if short]
+    scores: list[float | None] = [None] * len(shorts)
+    if clip_filter is not None and scored:
+        for n, score in zip(scored, clip_filter.scores([crops[n] for n in scored], [shorts[n] for n in scored])):
+            scores[n] = score
+    for n, index in enumerate(slots):
+        meta[index] = {"caption": raws[n], "short": shorts[n], "clip": scores[n]}
+        keep = bool(shorts[n]) and (clip_filter is None or clip_filter.keep(scores[n]))  # type: ignore[arg-type]
+        captions[index] = shorts[n] if keep else None
+    return captions, meta
+
+
+def _text_int(payload: bytes | None) -> int | None:
+    if payload is None:
+        return None
+    try:
+        return int(payload.decode("utf-8").strip())
+    except ValueError:
+        return None
+
+
+def _add_member(archive: tarfile.TarFile, name: str, payload: bytes, like: tarfile.TarInfo | None) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = like.mtime if like is not None else 0
+    info.mode = like.mode if like is not None else 0o644
+    archive.addfile(info, io.BytesIO(payload))
+
+
+def process_shard(source: str | Path, out_dir: str | Path, captioner: Captioner, shortener: Shortener | None = None,
+                  clip_filter: ClipCaptionFilter | None = None) -> ShardStats:
+    """Caption one shard into ``out_dir/<same name>``; skipped when that file already exists (it is complete: it
+    only appears through an atomic rename). Malformed samples (no image, bad segmentation) are copied unchanged
+    without local-caption members and counted."""
+    source = Path(source)
+    target = Path(out_dir) / source.name
+    stats = ShardStats(shard=source.name)
+    if target.exists():
+        stats.skipped = True
+        logger.info("%s already done; skipped", target)
+        return stats
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{source.name}.tmp-*"):
+        stale.unlink()
+    temp = target.parent / f".{source.name}.tmp-{os.getpid()}"
+    try:
+        with tarfile.open(temp, "w") as archive:
+            for key, members in iter_tar_samples(source):
+                stats.samples += 1
+                by_ext = {tarfile_name_ext(info.name): payload for info, payload in members}
+                added = _caption_sample(key, by_ext, captioner, shortener, clip_filter, stats)
+                for info, payload in members:
+                    if tarfile_name_ext(info.name) in ("local_caption", "local_caption_meta") and added:
+                        continue  # replaced by the fresh captions
+                    _add_member(archive, info.name, payload, info)
+                for ext, payload in added.items():
+                    _add_member(archive, f"{key}.{ext}", payload, members[0][0])
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    logger.info("%s: %d samples, %d objects, %d captions kept, %d malformed", source.name, stats.samples,
+                stats.objects, stats.kept, stats.malformed)
+    return stats
+
+
+def tarfile_name_ext(name: str) -> str:
+    """The webdataset extension of a member name (everything after the first '.' of the file name)."""
+    match = _KEY.match(name)
+    return match.group(2) if match else ""
+
+
+def _caption_sample(key: str, by_ext: dict[str, bytes], captioner: Captioner, shortener: Shortener | None,
+                    clip_filter: ClipCaptionFilter | None, stats: ShardStats) -> dict[str, bytes]:
+    if "image" not in by_ext or "segmentation" not in by_ext:
+        stats.malformed += 1
+        logger.warning("sample %s lacks .image or .segmentation; copied without local captions", key)
+        return {}
+    try:
+        with Image.open(io.BytesIO(by_ext["image"])) as opened:
+            image = opened.convert("RGB")
+        height = _text_int(by_ext.get("height")) or image.height
+        width = _text_int(by_ext.get("width")) or image.width
+        if (height, width) != (image.height, image.width):
+            raise ValueError(f".height/.width {height}x{width} differ from the image's {image.height}x{image.width}")
+        masks = decode_segmentation(by_ext["segmentation"], height, width)
+    except (ValueError, OSError) as error:  # json.JSONDecodeError and PIL's UnidentifiedImageError included
+        stats.malformed += 1
+        logger.warning("sample %s is malformed (%s); copied without local captions", key, error)
+        return {}
+    captions, meta = caption_objects(image, masks, captioner, shortener, clip_filter)
+    stats.objects += sum(entry is not None for entry in meta)
+    stats.kept += sum(caption is not None for caption in captions)
+    stats.rejected += [entry["clip"] for entry, caption in zip(meta, captions)
+                       if entry is not None and caption is None and entry["clip"] is not None]
+    return {"local_caption": json.dumps(captions, ensure_ascii=False).encode("utf-8"),
+            "local_caption_meta": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+
+
+def list_shards(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand folders to their ``*.tar`` files (sorted); files are taken as given."""
+    shards: list[Path] = []
+    for path in paths:
+        entry = Path(path).expanduser()
+        if entry.is_dir():
+            shards += sorted(entry.glob("*.tar"))
+        elif entry.is_file():
+            shards.append(entry)
+        else:
+            raise ValueError(f"shard path {str(path)!r} does not exist; pass .tar files or folders of them")
+    if not shards:
+        raise ValueError(f"no .tar shards found in {[str(p) for p in paths]}")
+    return shards
+
+
+def process_shards(shards: Sequence[str | Path], out_dir: str | Path, captioner: Captioner,
+                   shortener: Shortener | None = None, clip_filter: ClipCaptionFilter | None = None,
+                   progress: bool = True) -> list[ShardStats]:
+    """Caption every shard (folders expanded to their ``*.tar``), skipping those already complete in ``out_dir``."""
+    shard_paths = list_shards(shards)
+    if any(Path(out_dir).resolve() == path.parent.resolve() for path in shard_paths):
+        raise ValueError(f"--out-dir {str(out_dir)!r} holds the input shards; write to another folder")
+    iterator: Any = shard_paths
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(shard_paths, desc="caption shards", unit="shard")
+    return [process_shard(path, out_dir, captioner, shortener, clip_filter) for path in iterator]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="PainterData: local captions for BrushData segmentation objects "
+                                                 "(captioner → optional shortener → CLIP filter), resumable.")
+    parser.add_argument("--shards", nargs="+", required=True, help="BrushData .tar shards or folders of them")
+    parser.add_argument("--out-dir", required=True, help="folder for the captioned shards (same file names)")
+    parser.add_argument("--captioner", required=True, help="local vision-language model folder (image-to-text)")
+    parser.add_argument("--captioner-prompt", default=None,
+                        help="prompt/prefix for the captioner (chat VLMs: the question; BLIP: e.g. 'a picture of')")
+    parser.add_argument("--captioner-max-new-tokens", type=int, default=40)
+    parser.add_argument("--shortener", default=None, help="local causal LM folder that shortens captions (optional)")
+    parser.add_argument("--shortener-instruction", default=DEFAULT_SHORTEN_INSTRUCTION,
+                        help="prompt with a {caption} placeholder")
+    parser.add_argument("--clip", default=None, help="local CLIPModel folder for the filter")
+    parser.add_argument("--threshold", type=float, default=PAPER_CLIP_THRESHOLD, help="raw cosine (paper: 0.2)")
+    parser.add_argument("--no-clip-filter", action="store_true", help="keep every caption (no --clip needed)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if not args.clip and not args.no_clip_filter:
+        parser.error("the CLIP filter needs --clip (a local CLIPModel folder); pass --no-clip-filter to keep all")
+    try:
+        captioner = TransformersCaptioner(args.captioner, args.device, args.captioner_prompt,
+                                          args.captioner_max_new_tokens)
+        shortener = (TransformersShortener(args.shortener, args.device, args.shortener_instruction)
+                     if args.shortener else None)
+        clip_filter = None if args.no_clip_filter else ClipCaptionFilter(ClipScorer(args.clip, args.device),
+                                                                         args.threshold)
+        stats = process_shards(args.shards, args.out_dir, captioner, shortener, clip_filter,
+                               progress=not args.no_progress)
+    except ValueError as error:
+        parser.error(str(error))
+    done = [s for s in stats if not s.skipped]
+    print(f"{len(done)} shards captioned, {len(stats) - len(done)} already complete; "
+          f"{sum(s.kept for s in done)}/{sum(s.objects for s in done)} object captions kept, "
+          f"{sum(s.malformed for s in done)} malformed samples")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
