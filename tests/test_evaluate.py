@@ -1,0 +1,594 @@
+"""PainterBench evaluation, the PainterData caption pipeline and the benchmark builder, on tiny random models.
+
+Every model is built from a tiny config and saved to a temp folder (CLIP with a real BPE tokenizer written by
+``training.tiny``, Grounding DINO with a tiny Swin + BERT, LAION-style aesthetic heads); expected values are computed
+independently of the code under test (manual CLIP forward, hand-computed MSE/PSNR, hand-placed crops).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from training import bench_manifest, captions, evaluate  # noqa: E402
+from training.metrics import (  # noqa: E402
+    PSNR_CAP_DB,
+    AestheticScorer,
+    ClipScorer,
+    GroundingDinoScorer,
+    box_iou,
+    crop_mask_region,
+    grounding_hit,
+    load_aesthetic_head,
+    mask_bbox,
+    square_crop,
+    unmasked_region_metrics,
+)
+from training.tiny import tiny_clip_tokenizer  # noqa: E402
+
+PROJECTION = 16
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tiny models
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    directory = tmp_path_factory.mktemp("clip")
+    tokenizer = tiny_clip_tokenizer(directory)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=PROJECTION)
+    torch.manual_seed(0)
+    CLIPModel(config).eval().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def clip(clip_dir: Path) -> ClipScorer:
+    return ClipScorer(clip_dir)
+
+
+@pytest.fixture(scope="module")
+def gdino_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    directory = tmp_path_factory.mktemp("gdino")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "blue", "circle", "square", "car"]
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 32, "longest_edge": 64}),
+        tokenizer=BertTokenizer(str(directory / "vocab.txt")))
+    processor.save_pretrained(directory)
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(window_size=7, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                   image_size=32, out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4]),
+        text_config=BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=37, max_position_embeddings=64),
+        d_model=32, num_queries=6, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=3, encoder_n_points=2,
+        decoder_n_points=2, max_text_len=32)
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(config).eval().save_pretrained(directory)
+    return directory
+
+
+def manual_cosine(clip_dir: Path, image: Image.Image, text: str) -> float:
+    """CLIP cosine computed without ClipScorer: vision/text towers, projections, normalisation by hand."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():
+        pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+        image_vec = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)[0]
+        tokens = processor(text=[text], return_tensors="pt")
+        text_vec = model.text_projection(model.text_model(**tokens).pooler_output)[0]
+    return float(image_vec @ text_vec / (image_vec.norm() * text_vec.norm()))
+
+
+def noise_image(seed: int, width: int = 48, height: int = 40) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# crop, padding and region metrics
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_square_crop_pads_centred_with_black_extra_pixel_bottom_right() -> None:
+    array = np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3) % 200 + 50  # no black pixel anywhere
+    image = Image.fromarray(array)
+    wide = np.asarray(square_crop(image, (2, 1, 7, 3)))  # 5 wide, 2 tall -> 3 rows of padding: 1 top, 2 bottom
+    assert wide.shape == (5, 5, 3)
+    assert (wide[0] == 0).all() and (wide[3:] == 0).all()
+    np.testing.assert_array_equal(wide[1:3], array[1:3, 2:7])
+    tall = np.asarray(square_crop(image, (4, 0, 6, 5)))  # 2 wide, 5 tall -> 1 column left, 2 right
+    assert tall.shape == (5, 5, 3)
+    assert (tall[:, 0] == 0).all() and (tall[:, 3:] == 0).all()
+    np.testing.assert_array_equal(tall[:, 1:3], array[0:5, 4:6])
+    with pytest.raises(ValueError, match="not inside"):
+        square_crop(image, (0, 0, 11, 3))
+
+
+def test_crop_mask_region_uses_exclusive_bbox() -> None:
+    mask = np.zeros((6, 10), np.float32)
+    mask[2, 3] = mask[4, 5] = 1.0
+    assert mask_bbox(mask) == (3, 2, 6, 5)
+    image = Image.fromarray(np.full((6, 10, 3), 255, np.uint8))
+    assert crop_mask_region(image, mask).size == (3, 3)
+    with pytest.raises(ValueError, match="mask is empty"):
+        mask_bbox(np.zeros((4, 4)))
+
+
+def test_unmasked_region_metrics_identical_known_and_full_mask() -> None:
+    reference = np.zeros((8, 8, 3), np.uint8)
+    mask = np.zeros((8, 8), np.float32)
+    mask[2:5, 2:6] = 1.0
+    generated = reference.copy()
+    generated[2:5, 2:6] = 255  # only the hole differs
+    same = unmasked_region_metrics(generated, reference, mask)
+    assert same.mse == 0.0 and same.psnr == PSNR_CAP_DB == 100.0
+    generated[mask == 0] = 51  # 51/255 = 0.2 everywhere outside the hole -> MSE 0.04, PSNR 10*log10(25)
+    known = unmasked_region_metrics(Image.fromarray(generated), Image.fromarray(reference), mask)
+    assert known.mse == pytest.approx(0.04, abs=1e-12)
+    assert known.psnr == pytest.approx(10 * math.log10(25.0), abs=1e-9)
+    part = generated.copy()
+    part[:4][mask[:4] == 0] = 0  # kept pixels of the top 4 rows now match the reference
+    still_off = int((mask[4:] == 0).sum())  # 32 - 4 = 28 of the 64 - 12 = 52 kept pixels still differ by 0.2
+    assert unmasked_region_metrics(part, reference, mask).mse == pytest.approx(0.04 * still_off / 52, abs=1e-12)
+    full = unmasked_region_metrics(generated, reference, np.ones((8, 8)))
+    assert math.isnan(full.mse) and math.isnan(full.psnr)
+    assert unmasked_region_metrics(generated, reference, mask, psnr_cap=5.0).psnr == 5.0
+
+
+def test_grounding_rule_on_given_boxes() -> None:
+    region = (10, 10, 30, 30)
+    assert box_iou(region, region) == 1.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert grounding_hit([], region) == (False, 0.0)
+    hit, iou = grounding_hit([(0, 0, 5, 5), (10, 10, 30, 24)], region)  # 20x14 inside 20x20 -> IoU 0.7
+    assert hit and iou == pytest.approx(0.7)
+    hit, iou = grounding_hit([(10, 10, 30, 19)], region)  # IoU 0.45 < 0.5
+    assert not hit and iou == pytest.approx(0.45)
+    assert grounding_hit([(10, 10, 30, 19)], region, iou_threshold=0.4)[0]
+    with pytest.raises(ValueError, match="iou_threshold=0"):
+        grounding_hit([], region, iou_threshold=0.0)
+
+
+def test_grounding_dino_scorer_applies_the_rule_to_its_detections(gdino_dir: Path) -> None:
+    scorer = GroundingDinoScorer(gdino_dir, box_threshold=0.0, text_threshold=0.0)
+    image = noise_image(1)
+    detections = scorer.detect(image, "A red car")
+    assert detections and all(phrase for _, _, phrase in detections)
+    assert [score for _, score, _ in detections] == sorted((s for _, s, _ in detections), reverse=True)
+    mask = np.zeros((40, 48), np.float32)
+    x0, y0, x1, y1 = (int(round(v)) for v in detections[0][0])
+    mask[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)] = 1.0
+    hit, iou = scorer.evaluate(image, "A red car", mask)
+    expected = grounding_hit([box for box, _, _ in detections], mask_bbox(mask))
+    assert (hit, iou) == (expected[0], pytest.approx(expected[1]))
+    strict = GroundingDinoScorer(gdino_dir, box_threshold=1.0, text_threshold=1.0)
+    assert strict.evaluate(image, "a red car", mask) == (False, 0.0)
+    assert GroundingDinoScorer.query(" A Red Car ") == "a red car."
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLIP, aesthetic head, CLIP filter
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_clip_cosine_matches_manual_forward(clip: ClipScorer, clip_dir: Path) -> None:
+    images = [noise_image(2), noise_image(3, 30, 50)]
+    texts = ["a red circle", "blue square on the background"]
+    got = clip.cosine(images, texts)
+    for image, text, value in zip(images, texts, got):
+        assert float(value) == pytest.approx(manual_cosine(clip_dir, image, text), abs=1e-5)
+    with pytest.raises(ValueError, match="one text per image"):
+        clip.cosine(images, texts[:1])
+
+
+def test_aesthetic_heads_both_formats(clip: ClipScorer, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    dims = [PROJECTION, 12, 6, 1]
+    mlp = {}
+    for n, (i, o) in enumerate(zip(dims[:-1], dims[1:])):
+        mlp[f"layers.{2 * n}.weight"] = torch.randn(o, i)  # LAION's MLP has dropout between: even indices only
+        mlp[f"layers.{2 * n}.bias"] = torch.randn(o)
+    torch.save(mlp, tmp_path / "mlp.pth")
+    linear = {"weight": torch.randn(1, PROJECTION), "bias": torch.randn(1)}
+    save_file(linear, str(tmp_path / "linear.safetensors"))
+    images = [noise_image(4), noise_image(5)]
+    embeds = clip.image_embeds(images)
+    assert torch.allclose(embeds.norm(dim=-1), torch.ones(2), atol=1e-6)
+    expected = embeds
+    for n in range(3):
+        expected = expected @ mlp[f"layers.{2 * n}.weight"].T + mlp[f"layers.{2 * n}.bias"]
+    torch.testing.assert_close(AestheticScorer(tmp_path / "mlp.pth", clip).score(images), expected[:, 0])
+    torch.testing.assert_close(AestheticScorer(tmp_path / "linear.safetensors", clip).score(images),
+                               (embeds @ linear["weight"].T + linear["bias"])[:, 0])
+    torch.save({"weight": torch.randn(1, 768), "bias": torch.randn(1)}, tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match="768-d embeddings"):
+        AestheticScorer(tmp_path / "wide.pth", clip)
+    torch.save({"fc.weight": torch.randn(1, 4)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="unexpected key 'fc.weight'"):
+        load_aesthetic_head(tmp_path / "bad.pth")
+
+
+class ColourCaptioner:
+    """A real deterministic captioner: names the dominant channel of the crop's centre pixel."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def caption(self, image: Image.Image) -> str:
+        self.calls += 1
+        r, g, b = np.asarray(image.convert("RGB"))[image.height // 2, image.width // 2].tolist()
+        colour = ("red", "green", "blue")[int(np.argmax([r, g, b]))]
+        return f"a photo of a {colour} square object with a large background"
+
+
+class FirstWordsShortener:
+    """Keeps the colour and noun: 'a photo of a red square ...' -> 'red square'."""
+
+    def shorten(self, caption: str) -> str:
+        words = caption.split()
+        return " ".join(words[4:6])
+
+
+def test_clip_filter_threshold_is_inclusive(clip: ClipScorer, clip_dir: Path) -> None:
+    image = noise_image(6)
+    masks = [np.zeros((40, 48), np.float32) for _ in range(3)]
+    masks[0][5:20, 5:30] = 1.0
+    masks[2][22:38, 10:44] = 1.0  # masks[1] stays empty -> null, never captioned
+    crops = [crop_mask_region(image, masks[0]), crop_mask_region(image, masks[2])]
+    shorter = FirstWordsShortener()
+    texts = [shorter.shorten(ColourCaptioner().caption(crop)) for crop in crops]
+    independent = [manual_cosine(clip_dir, crop, text) for crop, text in zip(crops, texts)]
+    scores = [float(v) for v in clip.cosine(crops, texts)]
+    assert scores == pytest.approx(independent, abs=1e-5)
+    low, high = sorted(scores)
+    assert low < high
+    for threshold, kept in ((low - 1e-3, 2), (high, 1), (high + 1e-3, 0)):
+        captioner = ColourCaptioner()
+        got, meta = captions.caption_objects(image, masks, captioner, shorter,
+                                             captions.ClipCaptionFilter(clip, threshold))
+        assert captioner.calls == 2 and got[1] is None and meta[1] is None
+        assert sum(c is not None for c in got) == kept
+        for index, text, score in ((0, texts[0], scores[0]), (2, texts[1], scores[1])):
+            assert meta[index]["short"] == text and meta[index]["clip"] == pytest.approx(score, abs=1e-6)
+            assert got[index] == (text if score >= threshold else None)
+    with pytest.raises(ValueError, match="not 20"):
+        captions.ClipCaptionFilter(clip, 20.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# RLE, caption shards, resumability
+# ------------------------------------------------------------------------------------------------------------------
+
+def encode_rle(mask: np.ndarray) -> list[int]:
+    flat = (mask.reshape(-1, order="F") >= 0.5).astype(np.int8)
+    edges = np.diff(np.concatenate([[0], flat, [0]]))
+    starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+    return [int(v) for pair in zip(starts + 1, ends - starts) for v in pair]
+
+
+def test_decode_rle_column_major_one_based() -> None:
+    mask = captions.decode_rle([2, 2, 6, 1], 3, 2)  # column-major cells 1, 2 and 5 (0-based): k -> (k % 3, k // 3)
+    np.testing.assert_array_equal(mask, np.array([[0, 0], [1, 0], [1, 1]], np.float32))
+    assert captions.decode_rle("2 2 6 1", 3, 2).tolist() == mask.tolist()
+    rng = np.random.default_rng(0)
+    random_mask = (rng.random((7, 5)) > 0.5).astype(np.float32)
+    np.testing.assert_array_equal(captions.decode_rle(encode_rle(random_mask), 7, 5), random_mask)
+    with pytest.raises(ValueError, match="start=6, length=2"):
+        captions.decode_rle([6, 2], 3, 2)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def coloured_sample() -> tuple[Image.Image, list[np.ndarray]]:
+    array = np.zeros((40, 48, 3), np.uint8)
+    array[:, :24] = (220, 30, 30)
+    array[:, 24:] = (30, 30, 220)
+    masks = [np.zeros((40, 48), np.float32) for _ in range(3)]
+    masks[0][8:30, 2:20] = 1.0
+    masks[2][5:35, 28:46] = 1.0
+    return Image.fromarray(array), masks
+
+
+def write_shard(path: Path) -> dict[str, bytes]:
+    image, masks = coloured_sample()
+    members = {
+        "s0/000.image": png_bytes(image), "s0/000.caption": b"two colours", "s0/000.height": b"40",
+        "s0/000.width": b"48", "s0/000.segmentation": json.dumps({"mask": [encode_rle(m) for m in masks]}).encode(),
+        "s0/001.image": png_bytes(noise_image(7)), "s0/001.caption": b"broken", "s0/001.segmentation": b"{not json",
+        "s0/002.caption": b"no image at all",
+    }
+    with tarfile.open(path, "w") as archive:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return members
+
+
+def read_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as archive:
+        return {info.name: archive.extractfile(info).read() for info in archive if info.isfile()}
+
+
+class FailingCaptioner(ColourCaptioner):
+    def caption(self, image: Image.Image) -> str:
+        raise RuntimeError("captioner crashed")
+
+
+def test_caption_shards_end_to_end_and_resumable(clip: ClipScorer, tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    members = write_shard(source / "shard-000.tar")
+    write_shard(source / "shard-001.tar")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".shard-000.tar.tmp-999").write_bytes(b"stale temp of a killed run")
+    with pytest.raises(RuntimeError, match="captioner crashed"):
+        captions.process_shards([source], out, FailingCaptioner(), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == []  # no partial shard, stale temp removed
+
+    threshold = -1.0  # keep everything: alignment and copying are what this test checks
+    stats = captions.process_shards([source], out, ColourCaptioner(), FirstWordsShortener(),
+                                    captions.ClipCaptionFilter(clip, threshold), progress=False)
+    assert [(s.samples, s.objects, s.kept, s.malformed, s.skipped) for s in stats] == [(3, 2, 2, 2, False)] * 2
+    written = read_members(out / "shard-000.tar")
+    for name, payload in members.items():
+        assert written[name] == payload  # every input member copied byte for byte
+    assert json.loads(written["s0/000.local_caption"]) == ["red square", None, "blue square"]
+    meta = json.loads(written["s0/000.local_caption_meta"])
+    assert meta[1] is None and meta[0]["caption"].startswith("a photo of a red")
+    image, masks = coloured_sample()
+    assert meta[2]["clip"] == pytest.approx(float(clip.cosine([crop_mask_region(image, masks[2])],
+                                                              ["blue square"])[0]), abs=1e-6)
+    assert "s0/001.local_caption" not in written and "s0/002.local_caption" not in written
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000.tar", "shard-001.tar"]
+
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    captioner = ColourCaptioner()
+    again = captions.process_shards([source], out, captioner, progress=False)
+    assert all(s.skipped for s in again) and captioner.calls == 0
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match="holds the input shards"):
+        captions.process_shards([source], source, captioner, progress=False)
+
+
+def test_transformers_shortener_runs_a_local_causal_lm(clip_dir: Path, tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    tokenizer = GPT2TokenizerFast(vocab_file=str(clip_dir / "vocab.json"), merges_file=str(clip_dir / "merges.txt"),
+                                  unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(tmp_path)
+    shortener = captions.TransformersShortener(tmp_path, max_new_tokens=4)
+    first = shortener.shorten("a red square on a blue background")
+    assert isinstance(first, str) and first and "\n" not in first
+    assert shortener.shorten("a red square on a blue background") == first  # greedy: reproducible
+    with pytest.raises(ValueError, match="placeholder"):
+        captions.TransformersShortener(tmp_path, instruction="no slot")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# benchmark builder and the evaluation CLI
+# ------------------------------------------------------------------------------------------------------------------
+
+def make_source(tmp_path: Path, count: int) -> Path:
+    folder = tmp_path / "source"
+    folder.mkdir()
+    lines = []
+    for n in range(count):
+        noise_image(100 + n).save(folder / f"img{n}.png")
+        seg = np.zeros((40, 48), np.uint8)
+        seg[10 + n % 5:26, 12:30 + n % 7] = 255
+        Image.fromarray(seg).save(folder / f"seg{n}.png")
+        lines.append(json.dumps({"image": f"img{n}.png", "segmentation": f"seg{n}.png", "local_prompt": "a red car",
+                                 "global_prompt": "a red car on the street", "category": "ab"[n % 2]}))
+    (folder / "source.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "source.jsonl"
+
+
+def test_mask_modes_balanced_per_category_and_deterministic() -> None:
+    categories = ["a"] * 7 + ["b"] * 5
+    modes = bench_manifest.assign_mask_modes(categories, seed=3)
+    for category in "ab":
+        counts = [sum(1 for c, m in zip(categories, modes) if c == category and m == kind)
+                  for kind in ("segmentation", "box", "irregular")]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == categories.count(category)
+    assert bench_manifest.assign_mask_modes(categories, seed=3) == modes
+    assert any(bench_manifest.assign_mask_modes(categories, seed=s) != modes for s in range(4, 10))
+
+
+def test_build_benchmark_writes_manifest_and_masks(tmp_path: Path) -> None:
+    items = bench_manifest.read_source_manifest(make_source(tmp_path, 6))
+    manifest = bench_manifest.build_benchmark(items, tmp_path / "bench", seed=1)
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"img{n}" for n in range(6)]
+    assert sorted(r["mask_mode"] for r in records) == ["box"] * 2 + ["irregular"] * 2 + ["segmentation"] * 2
+    for record, item in zip(records, items):
+        mask = np.asarray(Image.open(tmp_path / "bench" / record["mask"]))
+        assert set(np.unique(mask)) <= {0, 255} and mask.any()
+        seg = item.segmentation > 0
+        if record["mask_mode"] == "segmentation":
+            np.testing.assert_array_equal(mask > 0, seg)
+        else:
+            assert (mask[seg] == 255).all()  # box and irregular masks contain the object
+    again = bench_manifest.build_benchmark(items, tmp_path / "bench2", seed=1)
+    assert again.read_text() == manifest.read_text()
+    for record in records:
+        assert (tmp_path / "bench" / record["mask"]).read_bytes() == (tmp_path / "bench2" / record["mask"]).read_bytes()
+    bench_items = evaluate.read_manifest(tmp_path / "bench")
+    assert [i.mask_mode for i in bench_items] == [r["mask_mode"] for r in records]
+
+
+def test_evaluate_cli_columns_values_and_skips(clip_dir: Path, gdino_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    items = bench_manifest.read_source_manifest(make_source(tmp_path, 3))
+    bench_manifest.build_benchmark(items, tmp_path / "bench", seed=0)
+    bench = evaluate.read_manifest(tmp_path / "bench")
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    for n, item in enumerate(bench):
+        image = np.asarray(item.load_image()).copy()
+        hole = item.load_mask() > 0.5
+        image[hole] = 255 - image[hole]  # repaint the hole only
+        if n == 1:
+            image[~hole] = np.clip(image[~hole].astype(int) + 10, 0, 255)  # and disturb the kept region once
+        Image.fromarray(image).save(generated / f"{item.id}.png")
+    torch.manual_seed(2)
+    torch.save({"weight": torch.randn(1, PROJECTION), "bias": torch.zeros(1)}, tmp_path / "head.pth")
+    out = tmp_path / "eval"
+    code = evaluate.main(["--manifest", str(tmp_path / "bench"), "--generated", str(generated), "--out-dir", str(out),
+                          "--clip", str(clip_dir), "--aesthetic-head", str(tmp_path / "head.pth"),
+                          "--gdino", str(gdino_dir), "--gdino-box-threshold", "0", "--gdino-text-threshold", "0",
+                          "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("| group | n | clip_sim |")
+    with (out / "per_image.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames == ["id", "mask_mode", "mask_area", "local_prompt", "global_prompt", "clip_sim",
+                                 "local_clip_sim", "aesthetic", "gdino_hit", "gdino_iou", "psnr", "mse"]
+    assert [r["id"] for r in rows] == [i.id for i in bench]
+    assert float(rows[0]["psnr"]) == 100.0 and float(rows[0]["mse"]) == 0.0
+    assert float(rows[1]["psnr"]) < 100.0 and float(rows[1]["mse"]) > 0.0
+    assert rows[0]["gdino_hit"] in ("0.0", "1.0")
+    gen0 = Image.open(generated / f"{bench[0].id}.png").convert("RGB")
+    crop = crop_mask_region(gen0, bench[0].load_mask())
+    assert float(rows[0]["local_clip_sim"]) == pytest.approx(100 * manual_cosine(clip_dir, crop, "a red car"),
+                                                             abs=1e-3)
+    assert float(rows[0]["clip_sim"]) == pytest.approx(
+        100 * manual_cosine(clip_dir, gen0, "a red car on the street"), abs=1e-3)
+    with (out / "summary.csv").open() as handle:
+        summary = list(csv.DictReader(handle))
+    assert summary[0]["group"] == "all" and summary[0]["n"] == "3"
+    assert float(summary[0]["psnr"]) == pytest.approx(np.mean([float(r["psnr"]) for r in rows]))
+    assert {s["group"] for s in summary[1:]} == {r["mask_mode"] for r in rows}
+
+    pixels_only = tmp_path / "pixels"
+    assert evaluate.main(["--manifest", str(tmp_path / "bench" / "manifest.jsonl"), "--generated", str(generated),
+                          "--out-dir", str(pixels_only), "--limit", "2", "--no-progress"]) == 0
+    with (pixels_only / "per_image.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == ["id", "mask_mode", "mask_area", "local_prompt", "global_prompt", "psnr", "mse"]
+        assert len(list(reader)) == 2
+
+    merged = evaluate.merge_results([out / "per_image.csv", pixels_only / "per_image.csv"])
+    assert len(merged) == 3 and merged[2]["clip_sim"] == pytest.approx(float(rows[2]["clip_sim"]))
+
+    (generated / f"{bench[2].id}.png").unlink()
+    with pytest.raises(FileNotFoundError, match=bench[2].id):
+        evaluate.evaluate(bench, evaluate.FolderGenerator(generated), evaluate.MetricSuite(), progress=False)
+    assert len(evaluate.evaluate(bench, evaluate.FolderGenerator(generated), evaluate.MetricSuite(),
+                                 skip_missing=True, progress=False)) == 2
+
+
+class RepaintGenerator:
+    """A Generator that is not a folder: proves the protocol is all the evaluator needs."""
+
+    def generate(self, item: evaluate.BenchItem) -> Image.Image:
+        return item.load_image().resize((24, 20))
+
+
+def test_generator_protocol_and_resize(tmp_path: Path) -> None:
+    items = bench_manifest.read_source_manifest(make_source(tmp_path, 1))
+    bench_manifest.build_benchmark(items, tmp_path / "bench", seed=0)
+    generator = RepaintGenerator()
+    assert isinstance(generator, evaluate.Generator)
+    rows = evaluate.evaluate(evaluate.read_manifest(tmp_path / "bench"), generator, evaluate.MetricSuite(),
+                             progress=False)
+    assert len(rows) == 1 and 0.0 < rows[0]["mse"] < 1.0  # resized back to 48x40 before comparing
+
+
+def test_image_reward_flag_errors_clearly_when_package_missing(tmp_path: Path) -> None:
+    try:
+        import ImageReward  # noqa: F401
+        pytest.skip("image-reward is installed here")
+    except ImportError:
+        pass
+    items = bench_manifest.read_source_manifest(make_source(tmp_path, 1))
+    bench_manifest.build_benchmark(items, tmp_path / "bench", seed=0)
+    (tmp_path / "ir.pt").write_bytes(b"x")
+    (tmp_path / "med.json").write_text("{}")
+    result = subprocess.run([sys.executable, str(REPO / "training" / "evaluate.py"), "--manifest",
+                             str(tmp_path / "bench"), "--generated", str(tmp_path / "bench" / "images"), "--out-dir",
+                             str(tmp_path / "out"), "--image-reward", str(tmp_path / "ir.pt"),
+                             "--image-reward-med-config", str(tmp_path / "med.json")],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 2
+    assert "optional `image-reward` package" in result.stderr and "--merge" in result.stderr
+
+
+def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for module in (evaluate, captions, bench_manifest):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--help"])
+        assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--gdino-iou", "--limit", "--device", "--threshold", "--captioner", "--seed"):
+        assert flag in help_text
+
+
+def test_manifest_errors_name_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "x.png", "local_prompt": "a"}) + "\n")
+    with pytest.raises(ValueError, match="lacks mask"):
+        evaluate.read_manifest(tmp_path / "m.jsonl")
+    with pytest.raises(ValueError, match="no manifest.jsonl or manifest.csv"):
+        evaluate.read_manifest(tmp_path)
+
+
+def test_lpips_on_unmasked_region(tmp_path: Path) -> None:
+    pytest.importorskip("lpips")
+    import torchvision
+
+    from training.metrics import LpipsScorer
+
+    torch.manual_seed(0)
+    features = {k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")}
+    torch.save(features, tmp_path / "alex.pth")
+    scorer = LpipsScorer(tmp_path / "alex.pth")
+    reference = noise_image(8, 64, 64)
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 16:48] = 1.0
+    generated = np.asarray(reference).copy()
+    generated[16:48, 16:48] = 0
+    assert scorer.distance(Image.fromarray(generated), reference, mask) == pytest.approx(0.0, abs=1e-6)
+    generated[:8] = 255
+    assert scorer.distance(Image.fromarray(generated), reference, mask) > 0.0
