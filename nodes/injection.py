@@ -192,6 +192,8 @@ def make_wrapper(painternet: Any, condition: torch.Tensor, scale: float, sigma_s
         dtype = branch.compute_dtype
         cond_or_uncond = transformer_options.get("cond_or_uncond", [0])
         c = broadcast_image_to(condition.to(latent.device), latent.shape[0], len(cond_or_uncond))
+        if c.shape[0] == 1:
+            c = c.expand(latent.shape[0], -1, -1, -1)
         if c.shape[0] != latent.shape[0]:
             raise ValueError(f"PainterNetApply got {condition.shape[0]} images but the latent batch is "
                              f"{latent.shape[0] // max(len(cond_or_uncond), 1)}; use 1 image or one per latent")

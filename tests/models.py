@@ -1,0 +1,127 @@
+"""Deterministic random test weights, generated once into .cache/test-models (never committed, never downloaded).
+
+The checkpoints have the real SD1.5 / SDXL UNet *signatures* (model_channels=320, real heads, context dims) with fewer
+levels of channel growth (channel_mult [1,1,1,1] / [1,1,1]), so ComfyUI detects them as SD15 / SDXL while they stay
+small enough for a 2-core CPU. ComfyUI layers skip weight init, so every tensor is filled explicitly.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from conftest import CACHE
+
+MODELS = os.path.join(CACHE, "test-models")
+
+SD15_SMALL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 1, 1, 1], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+SDXL_SMALL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 1, 1],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_heads": -1,
+    "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def fill_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
+    """Seeded fan-in init for every parameter (norm weights 1, biases 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if p.ndim == 0:  # TAESD's latent scale/shift keep their constructor values
+                continue
+            if p.ndim == 1:
+                p.fill_(1.0 if name.endswith("weight") and "norm" in name else 0.0)
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * (gain / math.sqrt(fan_in)))
+    return module
+
+
+def _unet_sd(unet_config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**unet_config, operations=comfy.ops.disable_weight_init)
+    return fill_(unet, seed).state_dict()
+
+
+def _taesd_sd(seed: int) -> dict[str, torch.Tensor]:
+    import comfy.taesd.taesd
+
+    return fill_(comfy.taesd.taesd.TAESD(), seed).state_dict()
+
+
+def _clip_l_sd(seed: int) -> dict[str, torch.Tensor]:
+    import comfy.sd1_clip
+
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    sd = fill_(clip, seed, gain=0.5).state_dict()
+    return {k: v for k, v in sd.items() if k.startswith("transformer.")}
+
+
+def sd15_checkpoint() -> str:
+    """An SD15-detected checkpoint (UNet + CLIP-L + TAESD) for the real-server workflows."""
+    path = os.path.join(MODELS, "tiny-sd15-320.safetensors")
+    if os.path.exists(path):
+        return path
+    import comfy.utils
+
+    os.makedirs(MODELS, exist_ok=True)
+    sd = {f"model.diffusion_model.{k}": v.half() for k, v in _unet_sd(SD15_SMALL_UNET, 1).items()}
+    sd.update({f"first_stage_model.{k}": v.half() for k, v in _taesd_sd(2).items()})
+    sd.update({f"cond_stage_model.{k}": v.half() for k, v in _clip_l_sd(3).items()})
+    tmp = path + ".tmp"
+    comfy.utils.save_torch_file(sd, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str, output_clip: bool = False) -> tuple[Any, Any, Any]:
+    import comfy.sd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=output_clip)
+    return model, clip, vae
+
+
+def comfy_model(model_config_cls: Any, unet_config: dict[str, Any], seed: int = 4) -> Any:
+    """A ModelPatcher of a given family class built in-process (no file), for the family checks."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    model_config = model_config_cls(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    fill_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def branch_file(family: str, name: str, seed: int = 5, gain: float = 0.3) -> str:
+    """A PainterNet branch for the small real-signature topologies, random non-zero weights, written with core's
+    writer; cached."""
+    from painternet_core.branch import PainterNetBranch
+    from painternet_core.checkpoint import save_branch
+    from painternet_core.config import SD15_UNET, SDXL_UNET, PainterNetConfig
+
+    path = os.path.join(MODELS, name)
+    if os.path.exists(path):
+        return path
+    unet = dict(SD15_UNET, block_out_channels=[320] * 4) if family == "sd15" else dict(
+        SDXL_UNET, block_out_channels=[320] * 3, attention_head_dim=[5, 5, 5])
+    branch = PainterNetBranch(PainterNetConfig(family=family, unet=unet))
+    fill_(branch, seed, gain=gain)
+    os.makedirs(MODELS, exist_ok=True)
+    save_branch(path, {k: v.half() for k, v in branch.state_dict().items()}, branch.config)
+    return path

@@ -1,0 +1,81 @@
+"""Tier 3 end to end: a user's workflow through a real `main.py --cpu` server via POST /prompt."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models import branch_file, sd15_checkpoint
+from server_harness import error_text, start_server
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("comfy"))
+    srv = start_server(base)
+    os.symlink(sd15_checkpoint(), os.path.join(srv.models("checkpoints"), "tiny-sd15.safetensors"))
+    os.symlink(branch_file("sd15", "tiny-sd15-320-branch.safetensors"),
+               os.path.join(srv.models("painternet"), "tiny-sd15-branch.safetensors"))
+    # A 64x48 RGBA picture whose transparent rectangle is the hole (LoadImage's mask = 1 - alpha).
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[..., 0] = np.linspace(0, 255, 64, dtype=np.uint8)[None]
+    rgba[..., 1] = 120
+    rgba[..., 3] = 255
+    rgba[16:32, 20:44, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(os.path.join(srv.input_dir, "cat.png"))
+    yield srv
+    srv.stop()
+
+
+def inpaint_workflow(mask_mode: str = "box", branch: str = "tiny-sd15-branch.safetensors", cfg: float = 2.0,
+                     prefix: str = "painternet") -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
+        "5": {"class_type": "PainterNetLoader", "inputs": {"painternet_name": branch, "dtype": "auto"}},
+        "10": {"class_type": "PainterNetMaskGenerator", "inputs": {"mask": ["4", 1], "mode": mask_mode, "seed": 3}},
+        "6": {"class_type": "PainterNetApply", "inputs": {
+            "model": ["1", 0], "vae": ["1", 2], "image": ["4", 0], "mask": ["10", 0], "painternet": ["5", 0],
+            "positive": ["2", 0], "negative": ["3", 0], "scale": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["6", 0], "seed": 7, "steps": 2, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["6", 1], "negative": ["6", 2], "latent_image": ["6", 3], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
+    }
+
+
+def test_object_info_lists_the_nodes(server):
+    info = server.object_info()
+    for node in ("PainterNetLoader", "PainterNetApply", "PainterNetMaskGenerator"):
+        assert node in info
+        assert info[node]["category"] == "inpaint/PainterNet"
+    assert "tiny-sd15-branch.safetensors" in info["PainterNetLoader"]["input"]["required"]["painternet_name"][0]
+
+
+def test_inpaint_workflow_saves_an_image(server):
+    entry = server.run(inpaint_workflow())
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    images = entry["outputs"]["9"]["images"]
+    path = os.path.join(server.output_dir, images[0]["subfolder"], images[0]["filename"])
+    with Image.open(path) as im:
+        assert im.size == (64, 48)
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert np.isfinite(pixels).all()
+
+
+def test_pickle_branch_is_refused_with_conversion_hint(server):
+    bad = os.path.join(server.models("painternet"), "old.ckpt")
+    shutil.copy(os.path.join(server.models("painternet"), "tiny-sd15-branch.safetensors"), bad)
+    entry = server.run(inpaint_workflow(branch="old.ckpt", prefix="pickle"))
+    assert entry["status"]["status_str"] == "error"
+    assert "pickle" in error_text(entry) and "safetensors" in error_text(entry)
+    # The server is still alive and the next valid prompt succeeds.
+    assert server.run(inpaint_workflow(prefix="after"))["status"]["status_str"] == "success"
