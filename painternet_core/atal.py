@@ -376,25 +376,22 @@ class ATALAttnProcessor:
 
 
 def install_atal_processors(model: Any, recorder: ATALRecorder) -> list[str]:
-    """Put an :class:`ATALAttnProcessor` on every cross-attention (``attn2``) of a diffusers model; keep the rest.
+    """Put an :class:`ATALAttnProcessor` on every cross-attention (``attn2``) of a module tree; keep the rest.
 
     Why only attn2: ATAL is defined on the text cross-attention maps; self-attention processors are left untouched.
-    ``model`` is anything with diffusers' ``attn_processors`` / ``set_attn_processor`` (UNet2DConditionModel or the
-    PainterNet branch). Returns the layer names, in the model's order, which are also the recorder's keys.
+    ``model`` is any ``nn.Module`` containing diffusers ``Attention`` modules named ``...attn2`` (the PainterNet
+    branch, a UNet2DConditionModel). Returns the layer names in module order; they are the recorder's keys.
     """
-    if not hasattr(model, "attn_processors") or not hasattr(model, "set_attn_processor"):
-        raise ValueError(f"{type(model).__name__} has no attn_processors/set_attn_processor; pass a diffusers "
-                         "UNet2DConditionModel-like module (the PainterNet branch).")
-    processors = dict(model.attn_processors)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"install_atal_processors needs an nn.Module (the PainterNet branch); got "
+                         f"{type(model).__name__}.")
     names = []
-    for key in processors:
-        if key.endswith("attn2.processor"):
-            name = key[: -len(".processor")]
-            processors[key] = ATALAttnProcessor(recorder, name)
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "attn2" and hasattr(module, "set_processor"):
+            module.set_processor(ATALAttnProcessor(recorder, name))
             names.append(name)
     if not names:
         raise ValueError(f"{type(model).__name__} has no cross-attention (attn2) layers; ATAL needs a branch that "
                          "keeps cross-attention (PainterNet, not BrushNet).")
-    model.set_attn_processor(processors)
     logger.debug("ATAL processors installed on %d cross-attention layers", len(names))
     return names

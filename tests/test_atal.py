@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -85,10 +86,10 @@ def test_empty_token_set_gives_zero_map():
 
 def test_gradcheck_map_and_loss_float64():
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 2, 16, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 2, 6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    token_mask = torch.tensor([[False, True, True, True, False, False], [False, True, False, False, False, False]])
-    hole = (torch.rand(2, 1, 8, 8, generator=gen) > 0.5).double()
+    q = torch.randn(2, 2, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    token_mask = torch.tensor([[False, True, True, True, False], [False, True, False, False, False]])
+    hole = (torch.rand(2, 1, 4, 6, generator=gen) > 0.5).double()  # area-resized to the 2x3 map
     valid = torch.tensor([True, True])
     assert torch.autograd.gradcheck(lambda a, b: token_mean_attention(a, b, token_mask), (q, k))
     assert torch.autograd.gradcheck(lambda a, b: atal_loss([token_mean_attention(a, b, token_mask)], hole, valid),
@@ -224,5 +225,53 @@ def test_install_on_unet_and_checkpointing_gives_equal_nonzero_atal_gradient(tmp
     to_k = [n for n in plain if n.endswith("attn2.to_k.weight")]
     assert to_k and all(plain[n].abs().sum() > 0 for n in to_k)
     assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_atal_through_the_painternet_branch_sdxl_with_block_checkpointing(tmp_path):
+    """End to end on the real branch (SDXL-shaped tiny): every attn2 is recorded at its own resolution and the ATAL
+    gradient reaches the branch identically with diffusers' (non-reentrant) block checkpointing on."""
+    from painternet_core.branch import PainterNetBranch
+    from training.tiny import tiny_sdxl_components
+
+    parts = tiny_sdxl_components(tmp_path)
+    gen = torch.Generator().manual_seed(4)
+    latents = torch.randn(2, 4, 8, 8, generator=gen)
+    condition = torch.randn(2, 5, 8, 8, generator=gen)
+    context = torch.randn(2, 9, 32, generator=gen)
+    added = {"text_embeds": torch.randn(2, 16, generator=gen), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    token_mask = torch.zeros(2, 9, dtype=torch.bool)
+    token_mask[0, 1:3] = True
+    token_mask[1, 1:8] = True
+    hole = torch.zeros(2, 1, 64, 64)
+    hole[0, :, 8:40, 16:56] = 1
+    hole[1, :, 30:, :20] = 1
+    grads = []
+    for use_checkpoint in (False, True):
+        branch = PainterNetBranch.from_unet(parts.unet)
+        recorder = ATALRecorder()
+        names = install_atal_processors(branch, recorder)
+        assert len(names) == 22  # (1, 2, 2) transformer layers: 8 down + 2 mid + 12 up
+        if use_checkpoint:
+            # What diffusers' ModelMixin.enable_gradient_checkpointing does to each block (non-reentrant).
+            for module in branch.modules():
+                if hasattr(module, "gradient_checkpointing") and module is not branch:
+                    module.gradient_checkpointing = True
+                    module._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        branch.train()
+        with recorder.record(token_mask):
+            branch(latents, torch.tensor([10, 700]), context, condition, added_cond_kwargs=added)
+            assert list(recorder.maps) != [] and set(recorder.maps) == set(names)
+            assert {m.shape[1] for m in recorder.maps.values()} == {16, 4}  # 4x4 and 2x2 levels
+            before = dict(recorder.maps)
+            loss = atal_loss(recorder.ordered_maps(), hole, torch.tensor([True, True]))
+            loss.backward()
+            recomputed = [name for name in names if recorder.maps[name] is not before[name]]
+            assert recomputed == (names if use_checkpoint else [])
+        grads.append({n: p.grad.clone() for n, p in branch.named_parameters() if p.grad is not None})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and any("attn2.to_k" in n for n in plain)
+    assert all(plain[n].abs().sum() > 0 for n in plain if n.endswith("attn2.to_q.weight"))
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
