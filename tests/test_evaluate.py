@@ -297,15 +297,20 @@ def encode_rle(mask: np.ndarray) -> list[int]:
     return [int(v) for pair in zip(starts + 1, ends - starts) for v in pair]
 
 
-def test_decode_rle_column_major_one_based() -> None:
-    mask = captions.decode_rle([2, 2, 6, 1], 3, 2)  # column-major cells 1, 2 and 5 (0-based): k -> (k % 3, k // 3)
-    np.testing.assert_array_equal(mask, np.array([[0, 0], [1, 0], [1, 1]], np.float32))
-    assert captions.decode_rle("2 2 6 1", 3, 2).tolist() == mask.tolist()
+def test_decode_segmentation_column_major_one_based() -> None:
+    payload = json.dumps({"mask": [[2, 2, 6, 1], "1 6", []]})
+    first, full, empty = captions.decode_segmentation(payload, 3, 2)
+    # column-major cells 1, 2 and 5 (0-based): k -> (row k % 3, column k // 3)
+    np.testing.assert_array_equal(first, np.array([[0, 0], [1, 0], [1, 1]], np.float32))
+    assert first.dtype == np.float32 and full.all() and not empty.any()
     rng = np.random.default_rng(0)
     random_mask = (rng.random((7, 5)) > 0.5).astype(np.float32)
-    np.testing.assert_array_equal(captions.decode_rle(encode_rle(random_mask), 7, 5), random_mask)
-    with pytest.raises(ValueError, match="start=6, length=2"):
-        captions.decode_rle([6, 2], 3, 2)
+    decoded = captions.decode_segmentation(json.dumps({"mask": [encode_rle(random_mask)]}), 7, 5)[0]
+    np.testing.assert_array_equal(decoded, random_mask)
+    with pytest.raises(ValueError):
+        captions.decode_segmentation(json.dumps({"mask": [[6, 2]]}), 3, 2)
+    with pytest.raises(ValueError, match="mask"):
+        captions.decode_segmentation("[1, 2]", 3, 2)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -385,6 +390,33 @@ def test_caption_shards_end_to_end_and_resumable(clip: ClipScorer, tmp_path: Pat
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
     with pytest.raises(ValueError, match="holds the input shards"):
         captions.process_shards([source], source, captioner, progress=False)
+
+
+def test_transformers_captioner_runs_a_local_blip(tmp_path: Path) -> None:
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "picture", "of", "red", "blue", "square"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"), bos_token="[DEC]")
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(tmp_path)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, encoder_hidden_size=32, bos_token_id=5, pad_token_id=0,
+                         sep_token_id=3, eos_token_id=3, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(tmp_path)
+    captioner = captions.TransformersCaptioner(tmp_path, prompt="a picture of", max_new_tokens=5)
+    assert isinstance(captioner, captions.Captioner)
+    text = captioner.caption(noise_image(11))
+    assert isinstance(text, str) and not text.startswith("a picture of")
+    assert set(text.split()) <= set(words[6:])
+    assert captioner.caption(noise_image(11)) == text  # greedy: reproducible
+    with pytest.raises(ValueError, match="is not a folder"):
+        captions.TransformersCaptioner(tmp_path / "missing")
 
 
 def test_transformers_shortener_runs_a_local_causal_lm(clip_dir: Path, tmp_path: Path) -> None:
@@ -572,6 +604,16 @@ def test_manifest_errors_name_the_problem(tmp_path: Path) -> None:
         evaluate.read_manifest(tmp_path / "m.jsonl")
     with pytest.raises(ValueError, match="no manifest.jsonl or manifest.csv"):
         evaluate.read_manifest(tmp_path)
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    noise_image(9).save(folder / "cat.jpg")
+    Image.fromarray(np.pad(np.full((10, 10), 255, np.uint8), ((5, 25), (5, 33)))).save(folder / "cat_mask.png")
+    (folder / "cat.txt").write_text("a cat\n")
+    (folder / "cat.caption.txt").write_text("a cat on a sofa")
+    noise_image(10).save(folder / "lonely.png")  # no mask, no prompt: skipped
+    (item,) = evaluate.read_manifest(folder)
+    assert (item.id, item.local_prompt, item.global_prompt) == ("cat", "a cat", "a cat on a sofa")
+    assert item.load_mask().sum() == 100 and mask_bbox(item.load_mask()) == (5, 5, 15, 15)
 
 
 def test_lpips_on_unmasked_region(tmp_path: Path) -> None:
@@ -592,3 +634,18 @@ def test_lpips_on_unmasked_region(tmp_path: Path) -> None:
     assert scorer.distance(Image.fromarray(generated), reference, mask) == pytest.approx(0.0, abs=1e-6)
     generated[:8] = 255
     assert scorer.distance(Image.fromarray(generated), reference, mask) > 0.0
+
+
+def test_benchmark_from_painterdata_shards(tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    write_shard(source / "shard-000.tar")
+    captions.process_shards([source], tmp_path / "painterdata", ColourCaptioner(), FirstWordsShortener(),
+                            progress=False)
+    (item,) = bench_manifest.read_painterdata_shards([tmp_path / "painterdata"], seed=0, min_area=0.01)
+    index = int(item.id.rsplit("_", 1)[1])
+    assert item.id.startswith("s0_000_") and index in (0, 2)
+    assert item.local_prompt == ("red square" if index == 0 else "blue square")
+    assert item.global_prompt == "two colours" and item.image_suffix == ".png"
+    np.testing.assert_array_equal(item.segmentation, coloured_sample()[1][index])
+    assert not list(bench_manifest.read_painterdata_shards([tmp_path / "painterdata"], seed=0, min_area=0.9))

@@ -13,7 +13,8 @@ Sources:
 * ``--source manifest.jsonl|.csv`` with ``image``, ``segmentation`` (a mask PNG, non-zero = object),
   ``local_prompt`` (required) and ``id``, ``global_prompt``, ``category`` (optional); paths relative to the file;
 * ``--shards`` PainterData shards (``training/captions.py`` output): per image, one object with a kept local caption
-  (chosen with the seed among objects covering at least ``--min-area`` of the image); the shard's ``.caption``
+  (chosen with the seed among objects covering at least ``--min-area`` of the image; id = ``<key>_<object index>``
+  with "/" in the key replaced by "_"); the shard's ``.caption``
   becomes the global prompt.
 
 Output folder: ``images/<id><ext>`` (source bytes copied), ``segmentations/<id>.png``, ``masks/<id>.png``
@@ -140,7 +141,7 @@ def read_painterdata_shards(paths: Sequence[str | Path], seed: int, min_area: fl
                 continue
             chosen = usable[int(np.random.default_rng([seed, number]).integers(len(usable)))]
             global_prompt = by_ext.get("caption", b"").decode("utf-8", errors="replace").strip()
-            yield SourceItem(id=f"{Path(key).name}_{chosen}", image_bytes=by_ext["image"],
+            yield SourceItem(id=f"{key.replace('/', '_')}_{chosen}", image_bytes=by_ext["image"],
                              image_suffix=_image_suffix(by_ext["image"]), segmentation=masks[chosen],
                              local_prompt=str(captions[chosen]), global_prompt=global_prompt)
 

@@ -40,6 +40,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as `python training/captions.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training.data import rle_decode  # noqa: E402
 from training.metrics import ClipScorer, crop_mask_region  # noqa: E402
 
 logger = logging.getLogger("painternet.training")
@@ -51,7 +52,6 @@ __all__ = [
     "TransformersCaptioner",
     "TransformersShortener",
     "ClipCaptionFilter",
-    "decode_rle",
     "decode_segmentation",
     "iter_tar_samples",
     "ShardStats",
@@ -98,8 +98,9 @@ def _local_model(path: str | Path, flag: str) -> str:
 
 
 class TransformersCaptioner:
-    """Any transformers vision-language model from a local folder (``AutoProcessor`` + ``AutoModelForVision2Seq``,
-    falling back to ``AutoModelForImageTextToText`` and ``AutoModelForCausalLM`` for GIT-style models).
+    """Any transformers vision-language model from a local folder: ``AutoProcessor`` + the first of
+    ``AutoModelForImageTextToText`` (BLIP, BLIP-2, LLaVA, Qwen2-VL...), ``AutoModelForVision2Seq`` (its deprecated
+    alias on older transformers) and ``AutoModelForCausalLM`` (GIT-style) that accepts the config.
 
     ``prompt`` conditions the generation: for processors with a chat template (LLaVA-style) it becomes a user turn
     with the image; otherwise it is passed as the text prefix (BLIP: "a picture of") and stripped from the answer.
@@ -112,7 +113,7 @@ class TransformersCaptioner:
 
         local = _local_model(path, "--captioner")
         loaders = [getattr(transformers, name) for name in
-                   ("AutoModelForVision2Seq", "AutoModelForImageTextToText", "AutoModelForCausalLM")
+                   ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM")
                    if hasattr(transformers, name)]
         self.torch = torch
         self.device = torch.device(device)
@@ -205,30 +206,16 @@ class ClipCaptionFilter:
         return score >= self.threshold
 
 
-def decode_rle(rle: Sequence[int] | str, height: int, width: int) -> np.ndarray:
-    """BrushData RLE → float32 HxW {0,1}: 1-based (start, length) pairs over the **column-major** flattening.
-
-    Why our own: it is the format BrushNet's ``rle2mask`` reads (``reshape(shape, order='F')``); a string of
-    space-separated numbers is accepted too.
-    """
-    values = [int(v) for v in (rle.split() if isinstance(rle, str) else rle)]
-    if len(values) % 2:
-        raise ValueError(f"RLE has {len(values)} numbers; it must be (start, length) pairs")
-    flat = np.zeros(height * width, dtype=np.float32)
-    for start, length in zip(values[0::2], values[1::2]):
-        if start < 1 or length < 0 or start - 1 + length > flat.size:
-            raise ValueError(f"RLE run (start={start}, length={length}) is outside a {height}x{width} mask; "
-                             "starts are 1-based and runs must end inside the image")
-        flat[start - 1:start - 1 + length] = 1.0
-    return flat.reshape((height, width), order="F")
-
-
 def decode_segmentation(payload: bytes | str, height: int, width: int) -> list[np.ndarray]:
-    """A BrushData ``.segmentation`` member (JSON ``{"mask": [rle, ...]}``) → one mask per object."""
+    """A BrushData ``.segmentation`` member (JSON ``{"mask": [rle, ...]}``) → one float32 {0,1} mask per object.
+
+    The RLE decoding is the trainer's own (:func:`training.data.rle_decode`: 1-based (start, length) pairs,
+    column-major), so captions are aligned with exactly the masks the trainer will read.
+    """
     data = json.loads(payload)
     if not isinstance(data, dict) or not isinstance(data.get("mask"), list):
         raise ValueError('segmentation JSON must be {"mask": [rle, ...]}')
-    return [decode_rle(rle, height, width) for rle in data["mask"]]
+    return [rle_decode(rle, height, width).astype(np.float32) for rle in data["mask"]]
 
 
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")

@@ -121,10 +121,34 @@ def _item_from_record(record: dict[str, Any], base: Path, where: str) -> BenchIt
                      mask_mode=str(record.get("mask_mode") or ""))
 
 
+def _read_plain_folder(root: Path) -> list[BenchItem]:
+    """The trainer's plain folder format (``training.data.FolderDataset``): ``NAME.<ext>`` image, ``NAME_mask.png``
+    (non-zero = region to generate here), ``NAME.txt`` local prompt, optional ``NAME.caption.txt`` global prompt;
+    subfolders included, id = NAME. Images without a mask or a prompt file are skipped."""
+    items: list[BenchItem] = []
+    seen: set[str] = set()
+    for image in sorted(root.rglob("*")):
+        if image.suffix.lower() not in IMAGE_EXTENSIONS or image.stem.endswith("_mask") or not image.is_file():
+            continue
+        mask = image.with_name(image.stem + "_mask.png")
+        prompt = image.with_suffix(".txt")
+        if not (mask.is_file() and prompt.is_file()):
+            continue
+        if image.stem in seen:
+            raise ValueError(f"folder {root} has two images named {image.stem!r}; ids must be unique")
+        seen.add(image.stem)
+        caption = image.with_name(image.stem + ".caption.txt")
+        items.append(BenchItem(id=image.stem, image_path=image.resolve(), mask_path=mask.resolve(),
+                               local_prompt=prompt.read_text(encoding="utf-8").strip(),
+                               global_prompt=caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""))
+    return items
+
+
 def read_manifest(path: str | Path) -> list[BenchItem]:
     """Read a benchmark: a ``.jsonl`` (one JSON object a line) or ``.csv`` (header row) manifest, or a folder holding
     ``manifest.jsonl`` or ``manifest.csv``. Keys: ``image``, ``mask``, ``local_prompt`` (required), ``id`` (default:
     the image's file stem), ``global_prompt``, ``mask_mode``; relative paths are relative to the manifest's folder.
+    A folder without a manifest is read in the trainer's plain folder format (see :func:`_read_plain_folder`).
     """
     source = Path(path).expanduser()
     if source.is_dir():
@@ -133,8 +157,11 @@ def read_manifest(path: str | Path) -> list[BenchItem]:
                 source = source / name
                 break
         else:
-            raise ValueError(f"folder {str(path)!r} has no manifest.jsonl or manifest.csv; build one with "
-                             "training/bench_manifest.py or pass the manifest file")
+            items = _read_plain_folder(source)
+            if not items:
+                raise ValueError(f"folder {str(path)!r} has no manifest.jsonl or manifest.csv and no NAME.<ext> + "
+                                 "NAME_mask.png + NAME.txt triples; build a manifest with training/bench_manifest.py")
+            return items
     if not source.is_file():
         raise ValueError(f"manifest {str(path)!r} does not exist; pass a .jsonl/.csv manifest or its folder")
     base = source.parent
