@@ -184,6 +184,11 @@ def atal_loss(maps: Sequence[torch.Tensor], mask: torch.Tensor, valid: torch.Ten
     m_i is the mask area-resized to the map (see module docstring). With no valid sample the result is a zero that is
     still connected to the maps, so every rank runs the same backward graph (DDP/FSDP need that).
     """
+    with torch.autocast(device_type=mask.device.type, enabled=False):  # fp32 whatever the training autocast
+        return _atal_loss(maps, mask, valid)
+
+
+def _atal_loss(maps: Sequence[torch.Tensor], mask: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if len(maps) == 0:
         raise ValueError("atal_loss got no attention maps; install ATALAttnProcessor on the branch's cross-attention "
                          "(install_atal_processors) and run the branch inside recorder.record(...).")
@@ -370,8 +375,10 @@ class ATALAttnProcessor:
         dtype = self.recorder.map_dtype or query.dtype
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.to(dtype)  # an additive bias must match the map's dtype
-        layer_map = token_mean_attention(query.to(dtype), key.to(dtype), token_mask.to(query.device),
-                                         attn_mask=attention_mask)
+        # Autocast would recast the fp32 copies to bf16/fp16 inside SDPA; the map's precision is the point here.
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            layer_map = token_mean_attention(query.to(dtype), key.to(dtype), token_mask.to(query.device),
+                                             attn_mask=attention_mask)
         self.recorder.store(self.name, layer_map)
 
 

@@ -179,6 +179,12 @@ def test_processor_matches_attnprocessor2_0_and_records_map():
         self_attn(hidden)  # self-attention: nothing recorded
         assert list(recorder.maps) == ["blk.attn2"]
     assert not recorder.active and recorder.maps == {}
+    with recorder.record(token_mask):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attn(hidden, encoder_hidden_states=context)
+        assert recorder.maps["blk.attn2"].dtype == torch.float32  # fp32 map under bf16 autocast
+        torch.testing.assert_close(recorder.maps["blk.attn2"], explicit_token_mean(heads_q, heads_k, token_mask),
+                                   atol=2e-2, rtol=0)  # only Q/K projections ran in bf16
     torch.testing.assert_close(idle, reference, atol=1e-6, rtol=0)
     torch.testing.assert_close(recording, reference, atol=1e-6, rtol=0)
     with recorder.record(torch.zeros(2, 5, dtype=torch.bool)), pytest.raises(ValueError, match="token mask"):
