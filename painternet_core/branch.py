@@ -105,6 +105,16 @@ class PainterNetBranch(nn.Module):
             self.add_embedding = body.add_embedding
         self.down_blocks = body.down_blocks
         self.mid_block = body.mid_block
+        if not config.cross_attention:
+            # BrushNet's mid block is two resnets without attention; diffusers' "UNetMidBlock2D" preset has one.
+            from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
+
+            unet = config.branch_unet_config
+            self.mid_block = UNetMidBlock2D(
+                in_channels=unet["block_out_channels"][-1], temb_channels=unet["block_out_channels"][0] * 4,
+                num_layers=1, resnet_eps=unet.get("norm_eps", 1e-5), resnet_act_fn=unet.get("act_fn", "silu"),
+                resnet_groups=unet.get("norm_num_groups", 32), add_attention=False,
+            )
         self.up_blocks = body.up_blocks
         layout = config.layout
         self.layer_control_down = nn.ModuleList(_zero(nn.Conv2d(c, c, 1)) for c in layout.down)

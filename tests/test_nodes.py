@@ -1,0 +1,192 @@
+"""Tier 3 in-process: the Apply path through ComfyUI's model patcher — batch order, stacking, memory management,
+family checks — on tiny SD1.5/SDXL-shaped models carrying the same weights in diffusers and ComfyUI."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
+from painternet_core.branch import PainterNetBranch
+from painternet_core.checkpoint import load_branch, save_branch
+from painternet_core.config import TINY_SD15_UNET, TINY_SDXL_UNET
+
+FAMILIES = {"sd15": TINY_SD15_UNET, "sdxl": TINY_SDXL_UNET}
+
+
+_CACHE: dict = {}
+
+
+def _tiny(family: str, tmp_path, seed: int = 0, cross_attention: bool = True):
+    """(diffusers UNet, loaded PainterNet, ComfyUI ModelPatcher) with the same random weights; built once per module
+    (every test clones the model patcher, so sharing is safe)."""
+    key = (family, seed, cross_attention)
+    if key not in _CACHE:
+        _CACHE[key] = _build_tiny(family, tmp_path, seed, cross_attention)
+    return _CACHE[key]
+
+
+def _build_tiny(family: str, tmp_path, seed: int, cross_attention: bool):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(FAMILIES[family]).eval()
+    for p in unet.parameters():
+        p.data.normal_(0, 0.05)
+    branch = PainterNetBranch.from_unet(unet, cross_attention=cross_attention,
+                                        attention_control=cross_attention).eval()
+    for p in branch.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / f"{family}-{seed}.safetensors")
+    save_branch(path, branch.state_dict(), branch.config)
+    painternet = pack_module("nodes.branch").build_branch(*load_branch(path), dtype="fp32")
+    return unet, painternet, comfy_model_from_diffusers(unet, family)
+
+
+def _inputs(family: str, batch: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ctx_dim = FAMILIES[family]["cross_attention_dim"]
+    x = torch.randn(batch, 4, 16, 16, generator=g)
+    ctx = torch.randn(batch, 7, ctx_dim, generator=g)
+    y = torch.randn(batch, 80, generator=g) if family == "sdxl" else None
+    return x, torch.tensor([400.0] * batch), ctx, y
+
+
+def _run(patched, x, t, ctx, y, cond_or_uncond, sigma=1.0):
+    import comfy.model_management as mm
+
+    # As sampler_helpers.prepare_sampling does: the model and its additional models (the branch) together.
+    mm.load_models_gpu([patched] + patched.get_nested_additional_models())
+    with torch.no_grad():
+        return patched.model.diffusion_model(x, t, context=ctx, y=y,
+                                             transformer_options=sampling_options(patched, sigma, cond_or_uncond))
+
+
+def _apply(model, painternet, condition, scale=1.0, start=0.0, end=1.0):
+    return pack_module("nodes.injection").apply_painternet(model, painternet, condition, scale, start, end)
+
+
+def test_pack_loads_like_comfyui_loads_it():
+    mappings = load_pack()
+    for node in ("PainterNetLoader", "PainterNetApply", "PainterNetMaskGenerator"):
+        assert node in mappings
+        inputs = mappings[node].INPUT_TYPES()
+        for section in inputs.values():
+            for name, spec in section.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("cond_or_uncond", [[1, 0], [0], [1]], ids=["cfg", "cfg1", "split-chunk"])
+def test_each_row_gets_its_own_image_condition(family, cond_or_uncond, tmp_path):
+    """Two images with different masks; the batch is [uncond…, cond…] chunks in ComfyUI's order. Row r must see
+    image r % 2's condition, exactly as if that condition had been given per row."""
+    _, painternet, model = _tiny(family, tmp_path)
+    g = torch.Generator().manual_seed(5)
+    conditions = torch.randn(2, 5, 16, 16, generator=g)
+    conditions[0, 4], conditions[1, 4] = 0.0, 1.0
+    n = 2 * len(cond_or_uncond)
+    x, t, ctx, y = _inputs(family, n)
+    batched = _run(_apply(model, painternet, conditions), x, t, ctx, y, cond_or_uncond)
+    per_row = conditions[[r % 2 for r in range(n)]]
+    expected = _run(_apply(model, painternet, per_row), x, t, ctx, y, [0])
+    assert (batched - expected).abs().max() <= 1e-5
+    swapped = _run(_apply(model, painternet, conditions.flip(0)), x, t, ctx, y, cond_or_uncond)
+    assert (swapped - batched).abs().max() > 1e-4  # the two images' conditions really differ
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_two_applies_sum_and_base_is_untouched(family, tmp_path):
+    _, painternet, model = _tiny(family, tmp_path)
+    x, t, ctx, y = _inputs(family, 1)
+    cond = torch.randn(1, 5, 16, 16, generator=torch.Generator().manual_seed(2))
+    base_before = _run(model, x, t, ctx, y, [0])
+    twice = _apply(_apply(model, painternet, cond, scale=0.3), painternet, cond, scale=0.4)
+    once = _apply(model, painternet, cond, scale=0.7)
+    out_twice = _run(twice, x, t, ctx, y, [0])
+    out_once = _run(once, x, t, ctx, y, [0])
+    assert (out_twice - out_once).abs().max() <= 1e-5
+    assert (out_once - base_before).abs().max() > 1e-3
+    # After the patched clones ran, the plain model is restored: same numbers, no holder or marker left behind.
+    assert torch.equal(_run(model, x, t, ctx, y, [0]), base_before)
+    inj = pack_module("nodes.injection")
+    assert not any(isinstance(m, (inj.UpsampleHolder, inj.ResidualMarker)) for m in model.model.modules())
+    assert model.get_additional_models() == []
+
+
+def test_branch_is_an_additional_model_managed_by_comfyui(tmp_path):
+    import comfy.model_management as mm
+
+    import comfy.sampler_helpers
+
+    _, painternet, model = _tiny("sd15", tmp_path)
+    patched = _apply(model, painternet, torch.zeros(1, 5, 16, 16))
+    assert painternet.patcher in patched.get_additional_models()
+    comfy.sampler_helpers.prepare_sampling(patched, (1, 4, 16, 16), {"positive": [], "negative": []},
+                                           model_options=patched.model_options)
+    loaded = [lm.model for lm in mm.current_loaded_models]
+    assert painternet.patcher in loaded and patched in loaded
+    # Keys are untouched by the object patches (a LoRA or a save still sees the original layout).
+    assert set(patched.model.state_dict()) == set(model.model.state_dict())
+
+
+def test_brushnet_checkpoint_loads_and_runs(tmp_path):
+    """A diffusers BrushNet SD1.5 file: public key layout (brushnet_*_blocks, no attention), no metadata."""
+    from safetensors.torch import save_file
+
+    from diffusers import UNet2DConditionModel
+
+    _, _, model = _tiny("sd15", tmp_path)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(TINY_SD15_UNET)
+    ref = PainterNetBranch.from_unet(unet, cross_attention=False, attention_control=False)
+    for p in ref.parameters():
+        p.data.normal_(0, 0.05)
+    sd = {k.replace("layer_control_down.", "brushnet_down_blocks.").replace("layer_control_mid.", "brushnet_mid_block.")
+          .replace("layer_control_up.", "brushnet_up_blocks."): v.contiguous() for k, v in ref.state_dict().items()}
+    assert any(k.startswith("brushnet_down_blocks.11.") for k in sd) and not any(".attentions." in k for k in sd)
+    path = str(tmp_path / "brushnet.safetensors")
+    save_file(sd, path)
+    state, config = load_branch(path)
+    assert (config.source_format, config.mask_polarity, config.attention_control) == ("brushnet", "known", False)
+    painternet = pack_module("nodes.branch").build_branch(state, config, dtype="fp32")
+    x, t, ctx, y = _inputs("sd15", 1)
+    cond = torch.randn(1, 5, 16, 16)
+    with torch.no_grad():
+        want = ref.to(torch.float32)(x, t, ctx, cond)
+        got = painternet.patcher.model(torch.cat([x, cond], 1), t, ctx)
+    for a, b in zip(want.down + [want.mid] + want.up, got["down"] + [got["mid"]] + got["up"]):
+        assert (a - b).abs().max() <= 1e-5
+    out = _run(_apply(model, painternet, cond), x, t, ctx, y, [0])
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("branch_family,model_kind,message", [
+    ("sd15", "sdxl", "for SD15 but the model is SDXL"),
+    ("sdxl", "sd15", "for SDXL but the model is SD15"),
+    ("sdxl", "ssd1b", "SSD-1B"),
+    ("sdxl", "vega", "SSD-1B, Segmind Vega and KOALA are not supported"),
+    ("sd15", "sd2", "model family SD20 is not supported"),
+])
+def test_family_mismatch_is_a_clear_error(branch_family, model_kind, message, tmp_path):
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    _, painternet, _ = _tiny(branch_family, tmp_path)
+    unet_cfg = pack_module("nodes.branch").comfy_unet_config
+    sd15 = unet_cfg(TINY_SD15_UNET, in_channels=4)
+    sdxl = unet_cfg(TINY_SDXL_UNET, in_channels=4)
+    cls, cfg = {
+        "sd15": (sm.SD15, sd15), "sdxl": (sm.SDXL, sdxl),
+        "ssd1b": (sm.SSD1B, dict(sdxl, transformer_depth=[0, 0, 2, 2, 4, 4],
+                                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 4, 4, 4], transformer_depth_middle=-1)),
+        "vega": (sm.Segmind_Vega, dict(sdxl, transformer_depth=[0, 0, 1, 1, 2, 2],
+                                       transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], transformer_depth_middle=-1)),
+        "sd2": (sm.SD20, dict(sd15, context_dim=1024)),
+    }[model_kind]
+    model_config = cls(cfg)
+    for key in ("num_heads", "num_head_channels"):
+        model_config.unet_config[key] = cfg[key]
+    model_config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_patcher.ModelPatcher(model_config.get_model({}, device="meta"), "cpu", "cpu")
+    with pytest.raises(ValueError, match=message):
+        pack_module("nodes.branch").check_base(model, painternet.config)
