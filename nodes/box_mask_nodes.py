@@ -1,0 +1,90 @@
+"""PainterNetBoxMask: boxes and scribbles drawn on the image in the graph (web/painternet.js) turned into a MASK.
+
+Thin adapter over `painternet_core.shapes`: the editor stores the drawing as normalised JSON in the `shapes` widget,
+this node rasterises it at the connected image's size and sends the image back to the editor as a temp preview (the
+`ui.images` entry, saved the way ComfyUI's PreviewImage saves), so after one run the user draws on the real picture.
+No ComfyUI or torch import at module import time: they are imported inside the function.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from typing import Any
+
+from painternet_core import shapes
+
+logger = logging.getLogger("painternet")
+
+# The node's widget is called `shapes` (the name saved in workflows), which shadows the module inside `draw`.
+_render_mask = shapes.render_mask
+
+
+def _save_preview(image: Any) -> dict[str, str]:
+    """Save one (H, W, C) IMAGE item as a PNG in ComfyUI's temp folder; returns the /view reference the UI loads."""
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.clip(image.detach().to("cpu").float().numpy() * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    elif pixels.shape[-1] == 4:
+        pixels = pixels[..., :3]
+    height, width = pixels.shape[:2]
+    # A random prefix per call, like PreviewImage, so two editors never overwrite each other's preview.
+    prefix = f"PainterNetBoxMask_{secrets.token_hex(3)}"
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_temp_directory(), width, height)
+    name = f"{filename}_{counter:05}_.png"
+    Image.fromarray(pixels).save(os.path.join(folder, name), compress_level=1)
+    return {"filename": name, "subfolder": subfolder, "type": "temp"}
+
+
+class PainterNetBoxMask:
+    """Rasterises the boxes / strokes drawn in the node's editor into a MASK at the image's size."""
+
+    CATEGORY = "inpaint/PainterNet"
+    FUNCTION = "draw"
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("mask",)
+    OUTPUT_TOOLTIPS = ("(B, H, W) float32 in {0, 1} at the image's size, the same drawing on every batch item; "
+                       "1 = inside a shape = region to generate (0 there when invert is on).",)
+    DESCRIPTION = ("Draw boxes or brush strokes on the image right in the graph. Run once to see the connected image "
+                   "in the editor; shapes are stored as fractions of the image, so they follow the image when its "
+                   "size changes. Box mode: drag a rectangle. Stroke mode: paint with the brush width shown.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict[str, Any]]:
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The image to draw on. The mask has its height and width; after a "
+                                               "run the editor shows its first item."}),
+                "shapes": ("STRING", {
+                    "default": shapes.EMPTY_SHAPES_JSON, "multiline": False,
+                    "tooltip": "What was drawn, written by the editor: JSON {\"version\": 1, \"shapes\": [...]} with "
+                               "boxes {type: box, x, y, w, h} and strokes {type: stroke, width, points: [[x, y], "
+                               "...]}, all as fractions of the image (stroke width: of its short side)."}),
+                "invert": ("BOOLEAN", {"default": False,
+                                       "tooltip": "Off: 1 inside the shapes (regenerate what you drew). On: 1 "
+                                                  "outside them (keep what you drew, regenerate the rest)."}),
+            },
+        }
+
+    def draw(self, image: Any, shapes: str, invert: bool) -> dict[str, Any]:
+        """Rasterise `shapes` at the image's size, repeat over the batch, and hand the first item back as preview."""
+        import torch
+
+        if not isinstance(image, torch.Tensor) or image.ndim != 4:
+            found = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"image must be a ComfyUI IMAGE tensor (B, H, W, C), got {found}; connect an image "
+                             "output (e.g. Load Image)")
+        batch, height, width = int(image.shape[0]), int(image.shape[1]), int(image.shape[2])
+        mask = _render_mask(shapes, height, width, bool(invert))
+        result = torch.from_numpy(mask).unsqueeze(0).expand(batch, height, width).contiguous()
+        logger.debug("PainterNetBoxMask: %dx%d, batch %d, coverage %.4f", width, height, batch, float(mask.mean()))
+        return {"ui": {"images": [_save_preview(image[0])]}, "result": (result,)}
+
+
+NODE_CLASS_MAPPINGS = {"PainterNetBoxMask": PainterNetBoxMask}
+NODE_DISPLAY_NAME_MAPPINGS = {"PainterNetBoxMask": "PainterNet Box / Scribble Mask"}
