@@ -7,10 +7,12 @@ stays cheap for the nodes.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import PainterNetConfig
@@ -144,11 +146,19 @@ class PainterNetBranch(nn.Module):
         return hook
 
     def enable_gradient_checkpointing(self) -> None:
-        """diffusers' own block-level checkpointing (non-reentrant in diffusers ≥ 0.30)."""
+        """diffusers' own block-level checkpointing, forced non-reentrant.
+
+        Why set ``_gradient_checkpointing_func`` too: diffusers blocks call ``self._gradient_checkpointing_func`` when
+        ``gradient_checkpointing`` is on, and only ``ModelMixin.enable_gradient_checkpointing`` sets it; the branch is
+        a plain ``nn.Module``, so without it the first checkpointed block raises AttributeError. Non-reentrant because
+        reentrant checkpointing silently zeroes the ATAL gradient (the maps are stored outside the block's outputs).
+        """
+        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         self.gradient_checkpointing = True
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing") and module is not self:
                 module.gradient_checkpointing = True
+                module._gradient_checkpointing_func = checkpoint
 
     @classmethod
     def from_unet(cls, unet: nn.Module, **config_kwargs: Any) -> "PainterNetBranch":
