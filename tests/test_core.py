@@ -1,0 +1,178 @@
+"""Tier 1: config, control layout, checkpoint format and condition preparation; plus the room boundaries."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from conftest import REPO
+from painternet_core.branch import PainterNetBranch
+from painternet_core.checkpoint import load_branch, save_branch
+from painternet_core.conditioning import latent_mask, normalize_mask, prepare_condition
+from painternet_core.config import (SD15_UNET, SDXL_UNET, TINY_SD15_UNET, PainterNetConfig, control_layout)
+
+
+@pytest.mark.parametrize("unet,counts", [(SD15_UNET, (12, 15, 16)), (SDXL_UNET, (9, 11, 70))], ids=["sd15", "sdxl"])
+def test_control_layout_matches_the_design_counts(unet, counts):
+    layout = control_layout(unet, with_attention=True)
+    assert (len(layout.down), len(layout.up), len(layout.attention)) == counts
+    assert control_layout(unet, with_attention=False).attention == ()
+
+
+def test_config_json_round_trip_and_errors():
+    config = PainterNetConfig.from_unet_config(TINY_SD15_UNET)
+    assert PainterNetConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="newer PainterNet"):
+        PainterNetConfig.from_json(json.dumps(dict(json.loads(config.to_json()), future_field=1)))
+    with pytest.raises(ValueError, match="does not match the UNet topology"):
+        PainterNetConfig(family="sdxl", unet=TINY_SD15_UNET)
+    with pytest.raises(ValueError, match="needs cross_attention=True"):
+        PainterNetConfig(family="sd15", unet=TINY_SD15_UNET, cross_attention=False)
+
+
+@pytest.fixture(scope="module")
+def branch_path(tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    branch = PainterNetBranch.from_unet(UNet2DConditionModel.from_config(TINY_SD15_UNET))
+    path = str(tmp_path_factory.mktemp("ckpt") / "branch.safetensors")
+    save_branch(path, branch.state_dict(), branch.config)
+    return path, branch
+
+
+def test_save_load_round_trip(branch_path):
+    path, branch = branch_path
+    sd, config = load_branch(path)
+    assert config == branch.config
+    ref = branch.state_dict()
+    assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_fresh_branch_copies_the_unet_and_zero_inits_controls():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(TINY_SD15_UNET)
+    branch = PainterNetBranch.from_unet(unet)
+    w = branch.conv_in.weight
+    assert torch.equal(w[:, :4], unet.conv_in.weight) and torch.equal(w[:, 4:8], unet.conv_in.weight)
+    assert not w[:, 8].any()
+    assert torch.equal(branch.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight,
+                       unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight)
+    controls = [p for n, p in branch.named_parameters() if n.startswith(("layer_control", "attention_control"))]
+    assert controls and not any(p.any() for p in controls)
+
+
+def test_truncated_and_corrupt_files_are_refused(branch_path, tmp_path):
+    path, _ = branch_path
+    data = open(path, "rb").read()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_branch(str(truncated))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(struct.pack("<Q", 40) + b"{not json at all, definitely not!!!!!!!}" + data[48:])
+    with pytest.raises(ValueError, match="corrupt safetensors header"):
+        load_branch(str(corrupt))
+    tiny = tmp_path / "empty.safetensors"
+    tiny.write_bytes(b"abc")
+    with pytest.raises(ValueError, match="too short"):
+        load_branch(str(tiny))
+    with pytest.raises(FileNotFoundError, match="models/painternet"):
+        load_branch(str(tmp_path / "missing.safetensors"))
+
+
+def test_pickle_is_refused_by_name_and_by_content(tmp_path):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="pickle.*safetensors"):
+        load_branch(str(tmp_path / "x.ckpt"))
+    torch.save({"w": torch.zeros(1)}, tmp_path / "renamed.safetensors")
+    with pytest.raises(ValueError, match="pickle/zip checkpoint"):
+        load_branch(str(tmp_path / "renamed.safetensors"))
+
+
+def test_foreign_safetensors_and_incomplete_branch(branch_path, tmp_path):
+    from safetensors.torch import save_file
+
+    path, branch = branch_path
+    save_file({"model.diffusion_model.x": torch.zeros(2)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ValueError, match="not a PainterNet or BrushNet checkpoint"):
+        load_branch(str(tmp_path / "lora.safetensors"))
+    sd = {k: v for k, v in branch.state_dict().items() if not k.startswith("attention_control.3.")}
+    meta = {"painternet_format": "1", "painternet_config": branch.config.to_json()}
+    save_file(sd, str(tmp_path / "partial.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="2 missing keys"):
+        load_branch(str(tmp_path / "partial.safetensors"))
+    save_file(sd, str(tmp_path / "future.safetensors"), metadata=dict(meta, painternet_format="9"))
+    with pytest.raises(ValueError, match="update the pack"):
+        load_branch(str(tmp_path / "future.safetensors"))
+
+
+def test_save_is_atomic_and_checks_completeness(branch_path, tmp_path):
+    _, branch = branch_path
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"previous")
+    with pytest.raises(ValueError, match="missing"):
+        save_branch(str(target), {"conv_in.weight": torch.zeros(1)}, branch.config)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_normalize_mask_shapes_and_errors():
+    m = torch.zeros(8, 12)
+    m[2:4, 3:6] = 0.7
+    out = normalize_mask(m, 8, 12, 2)
+    assert out.shape == (2, 1, 8, 12) and set(out.unique().tolist()) == {0.0, 1.0}
+    assert normalize_mask(m, 16, 24, 1).shape == (1, 1, 16, 24)  # same aspect: resized
+    with pytest.raises(ValueError, match="different aspect ratio"):
+        normalize_mask(m, 8, 8, 1)
+    with pytest.raises(ValueError, match="mask batch 3 does not match image batch 2"):
+        normalize_mask(torch.zeros(3, 8, 12), 8, 12, 2)
+    with pytest.raises(ValueError, match="NaN"):
+        normalize_mask(torch.full((8, 12), float("nan")), 8, 12, 1)
+
+
+def test_prepare_condition_fill_resize_and_polarity():
+    config = PainterNetConfig.from_unet_config(TINY_SD15_UNET, mask_resize="area", masked_fill=0.5)
+    image = torch.rand(1, 3, 16, 16)
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :8, :8] = 1.0
+    seen = []
+
+    def encode(px):
+        seen.append(px)
+        return px[:, :, ::4, ::4].mean(1, keepdim=True).repeat(1, 4, 1, 1)
+
+    cond = prepare_condition(image, mask, encode, config)
+    assert cond.shape == (1, 5, 4, 4)
+    assert torch.all(seen[0][:, :, :8, :8] == 0.5) and torch.equal(seen[0][:, :, 8:, 8:], image[:, :, 8:, 8:])
+    assert cond[0, 4, :2, :2].eq(1).all() and cond[0, 4, 2:, 2:].eq(0).all()
+    known = PainterNetConfig.from_unet_config(TINY_SD15_UNET, mask_polarity="known", mask_resize="nearest")
+    assert torch.equal(latent_mask(mask[:, None], (4, 4), known), 1 - latent_mask(mask[:, None], (4, 4), config))
+    with pytest.raises(ValueError, match="NaN"):
+        prepare_condition(torch.full((1, 3, 16, 16), float("nan")), mask, encode, config)
+
+
+def _imports(folder: str) -> set[str]:
+    names = set()
+    for root, _, files in os.walk(os.path.join(REPO, folder)):
+        for f in files:
+            if f.endswith(".py"):
+                tree = ast.parse(open(os.path.join(root, f), encoding="utf-8").read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Import):
+                        names |= {a.name.split(".")[0] for a in node.names}
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                        names.add(node.module.split(".")[0])
+    return names
+
+
+def test_rooms_do_not_cross():
+    assert not _imports("painternet_core") & {"comfy", "nodes", "training", "folder_paths", "comfy_extras"}
+    assert "training" not in _imports("nodes")
+    assert not _imports("training") & {"comfy", "nodes", "folder_paths"}
