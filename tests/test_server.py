@@ -79,3 +79,27 @@ def test_pickle_branch_is_refused_with_conversion_hint(server):
     assert "pickle" in error_text(entry) and "safetensors" in error_text(entry)
     # The server is still alive and the next valid prompt succeeds.
     assert server.run(inpaint_workflow(prefix="after"))["status"]["status_str"] == "success"
+
+
+@pytest.mark.parametrize("name", ["painternet_sd15_inpaint.json", "painternet_sdxl_inpaint.json"])
+def test_example_workflows_match_the_server_nodes(server, name):
+    import json
+
+    from conftest import REPO
+
+    info = server.object_info()
+    graph = json.load(open(os.path.join(REPO, "example_workflows", name), encoding="utf-8"))
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    for node in nodes.values():
+        assert node["type"] in info, node["type"]
+        spec = info[node["type"]]
+        assert [o["type"] for o in node["outputs"]] == spec["output"]
+        required = spec["input"]["required"]
+        linked = [i["name"] for i in node["inputs"]]
+        assert set(linked) <= set(required)
+        widgets = [k for k in required if k not in linked]
+        seeds = sum(1 for k in widgets if required[k][1].get("control_after_generate"))
+        assert len(node["widgets_values"]) == len(widgets) + seeds + (1 if node["type"] == "LoadImage" else 0)
+    for link_id, src, src_slot, dst, dst_slot, kind in graph["links"]:
+        assert info[nodes[src]["type"]]["output"][src_slot] == kind
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
