@@ -5,13 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_helpers import comfy_model_from_diffusers, pack_module, sampling_options
+from comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
 from painternet_core.branch import PainterNetBranch, painternet_unet_forward
-from painternet_core.checkpoint import load_branch, save_branch
+from painternet_core.checkpoint import save_branch
 from painternet_core.config import TINY_SD15_UNET, TINY_SDXL_UNET
 
 TOL = 1e-5
 FAMILIES = {"sd15": TINY_SD15_UNET, "sdxl": TINY_SDXL_UNET}
+
+
+def load_with_loader_node(tmp_path, name: str, branch: PainterNetBranch):
+    """Write with core's writer into a models/painternet folder, read back through the PainterNetLoader node.
+    Names must be unique per test: the loader resolves a name in the first registered folder that has it."""
+    import folder_paths
+
+    folder = tmp_path / "painternet"
+    folder.mkdir(exist_ok=True)
+    save_branch(str(folder / name), branch.state_dict(), branch.config)
+    folder_paths.add_model_folder_path("painternet", str(folder))
+    (painternet,) = load_pack()["PainterNetLoader"]().load(name, "fp32")
+    return painternet
 
 
 def _setup(family: str, tmp_path, randomize: bool):
@@ -25,10 +38,7 @@ def _setup(family: str, tmp_path, randomize: bool):
     if randomize:
         for p in branch.parameters():
             p.data.add_(torch.randn_like(p) * 0.05)
-    path = str(tmp_path / f"{family}.safetensors")
-    save_branch(path, branch.state_dict(), branch.config)
-    sd, config = load_branch(path)
-    painternet = pack_module("nodes.branch").build_branch(sd, config, dtype="fp32")
+    painternet = load_with_loader_node(tmp_path, f"{tmp_path.name}-{family}.safetensors", branch)
     model = comfy_model_from_diffusers(unet, family)
     b = 2
     g = torch.Generator().manual_seed(1)
