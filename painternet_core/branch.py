@@ -27,9 +27,11 @@ class BranchResiduals:
     up: list[torch.Tensor]
     attention: list[torch.Tensor]
 
-    def scaled(self, scale: float) -> "BranchResiduals":
-        return BranchResiduals([r * scale for r in self.down], self.mid * scale, [r * scale for r in self.up],
-                               [r * scale for r in self.attention])
+
+def _block_points(block: nn.Module, samplers: str) -> list[nn.Module]:
+    attentions = getattr(block, "attentions", None)
+    layers = [attentions[i] if attentions is not None else resnet for i, resnet in enumerate(block.resnets)]
+    return layers + list(getattr(block, samplers) or [])
 
 
 def control_point_modules(unet: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Module]]:
@@ -37,20 +39,8 @@ def control_point_modules(unet: nn.Module) -> tuple[list[nn.Module], nn.Module, 
     block structure): conv_in, each down layer (its attention if it has one, else its resnet), each downsampler;
     the mid block; each up layer and each upsampler. Adding to these outputs adds to the running hidden state, so a
     residual reaches both the skip connection and the next layer, as BrushNet does."""
-    down: list[nn.Module] = [unet.conv_in]
-    for block in unet.down_blocks:
-        attentions = getattr(block, "attentions", None)
-        for i, resnet in enumerate(block.resnets):
-            down.append(attentions[i] if attentions is not None else resnet)
-        if block.downsamplers is not None:
-            down.extend(block.downsamplers)
-    up: list[nn.Module] = []
-    for block in unet.up_blocks:
-        attentions = getattr(block, "attentions", None)
-        for i, resnet in enumerate(block.resnets):
-            up.append(attentions[i] if attentions is not None else resnet)
-        if block.upsamplers is not None:
-            up.extend(block.upsamplers)
+    down = [unet.conv_in] + [p for block in unet.down_blocks for p in _block_points(block, "downsamplers")]
+    up = [p for block in unet.up_blocks for p in _block_points(block, "upsamplers")]
     return down, unet.mid_block, up
 
 
