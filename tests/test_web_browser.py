@@ -1,0 +1,245 @@
+"""web/painternet.js in a real browser: headless Chromium drives the ComfyUI frontend served by a real server.
+
+The graph LoadImage -> PainterNetBoxMask -> MaskToImage -> SaveImage is loaded as a UI workflow, a box is dragged
+with the mouse on the node's editor canvas, the prompt is queued from the page, and the saved mask must hold the box
+where it was drawn. Needs Debian's `chromium` at /usr/bin/chromium (`apt-get install chromium`); Playwright drives
+it through `executable_path` and never downloads a browser.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from painternet_core import shapes
+from server_harness import start_server
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
+logger = logging.getLogger("painternet")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+REPO = Path(__file__).resolve().parents[1]
+README_SCREENSHOT = REPO / "docs" / "box_mask.png"
+IMAGE_NAME = "painternet_browser_test.png"
+IMAGE_SIZE = (384, 256)  # (width, height): not square, so a swapped axis shows up
+PREFIX = "painternet_box_mask"
+BOX_NODE_ID = 2
+BOX_NODE = "PainterNetBoxMask"
+# The box to drag, in fractions of the editor canvas: (x0, y0) -> (x1, y1).
+DRAG = ((0.2, 0.25), (0.7, 0.8))
+STROKE = ((0.85, 0.15), (0.85, 0.85))
+TOLERANCE_PX = 3
+# The four nodes on the page, given the workflow's node positions and its view offset (70, 130) at scale 1.
+SCREENSHOT_CLIP = {"x": 80, "y": 132, "width": 1140, "height": 500}
+
+APP = "window.comfyAPI.app.app"
+
+
+def _picture(path: str) -> None:
+    """A small recognisable picture: a gradient sky, a ground band and a disc."""
+    w, h = IMAGE_SIZE
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[..., 0] = 60 + (x * 120 // w)
+    rgb[..., 1] = 110 + (y * 100 // h)
+    rgb[..., 2] = 200
+    rgb[y > h * 0.7] = (70, 140, 60)
+    disc = (x - w * 0.45) ** 2 + (y - h * 0.5) ** 2 < (h * 0.22) ** 2
+    rgb[disc] = (230, 190, 40)
+    Image.fromarray(rgb).save(path)
+
+
+def _workflow() -> dict[str, Any]:
+    """UI-format workflow (what the browser saves), with the PainterNet editor node in view."""
+    def node(node_id: int, kind: str, pos: list[int], size: list[int], inputs: list[dict], outputs: list[dict],
+             widgets: list[Any]) -> dict[str, Any]:
+        return {"id": node_id, "type": kind, "pos": pos, "size": size, "flags": {}, "order": node_id - 1, "mode": 0,
+                "inputs": inputs, "outputs": outputs, "properties": {}, "widgets_values": widgets}
+
+    return {
+        "last_node_id": 4, "last_link_id": 3, "version": 0.4, "groups": [], "config": {},
+        "extra": {"ds": {"scale": 1.0, "offset": [70, 130]}},
+        "nodes": [
+            node(1, "LoadImage", [20, 60], [300, 360], [],
+                 [{"name": "IMAGE", "type": "IMAGE", "links": [1]}, {"name": "MASK", "type": "MASK", "links": None}],
+                 [IMAGE_NAME, "image"]),
+            node(BOX_NODE_ID, BOX_NODE, [350, 60], [460, 440],
+                 [{"name": "image", "type": "IMAGE", "link": 1}],
+                 [{"name": "mask", "type": "MASK", "links": [2]}],
+                 ['{"version": 1, "shapes": []}', False]),
+            node(3, "MaskToImage", [840, 60], [220, 60], [{"name": "mask", "type": "MASK", "link": 2}],
+                 [{"name": "IMAGE", "type": "IMAGE", "links": [3]}], []),
+            node(4, "SaveImage", [840, 180], [300, 300], [{"name": "images", "type": "IMAGE", "link": 3}], [],
+                 [PREFIX]),
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "MASK"], [3, 3, 0, 4, 0, "IMAGE"]],
+    }
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.isfile(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` package (apt-get install -y chromium) "
+                    "to run the browser test; Playwright never downloads one here")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(str(tmp_path_factory.mktemp("comfy_web")))
+    _picture(os.path.join(srv.input_dir, IMAGE_NAME))
+    # A fresh user folder counts as a new user: skip the first-run templates dialog that would cover the graph, and
+    # the minimap that would cover part of it in the screenshot.
+    requests.post(f"{srv.url}/settings", json={"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False},
+                  timeout=30).raise_for_status()
+    yield srv
+    srv.stop()
+
+
+def _wait(page, expression: str, what: str, timeout_s: float = 30.0) -> Any:
+    """Poll a JS expression until it is truthy; fails with `what` and the page's console on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = page.evaluate(expression)
+        if value:
+            return value
+        page.wait_for_timeout(100)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} ({expression})")
+
+
+def test_drag_a_box_in_the_browser_and_get_it_in_the_saved_mask(server, browser, tmp_path):
+    started = time.monotonic()
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+    page.on("pageerror", lambda exc: console.append(f"pageerror: {exc}"))
+    # The "Nodes 2.0" banner remembers its dismissal in localStorage; dismissed, it stays out of the screenshot.
+    page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    try:
+        page.goto(server.url, wait_until="domcontentloaded", timeout=60_000)
+        _wait(page, f"{APP}?.extensions?.some(e => e.name === 'PainterNet.Web')", "the PainterNet.Web extension", 60)
+        # Start-up is over once the node types are registered and the initial workflow is on the canvas; loading
+        # ours earlier would be replaced by it.
+        _wait(page, f"window.LiteGraph?.registered_node_types?.{BOX_NODE} && {APP}.graph?.nodes?.length > 0",
+              "the frontend to finish start-up", 60)
+        page.evaluate(f"async (wf) => {{ await {APP}.loadGraphData(wf, true, true, 'painternet-box-mask'); }}",
+                      _workflow())
+        node = f"{APP}.graph.getNodeById({BOX_NODE_ID})"
+        _wait(page, f"{node}?.painternetEditor", "the editor widget on PainterNetBoxMask")
+        # Before any run the editor shows the image the Load Image node displays.
+        _wait(page, f"{node}.painternetEditor.imageSource === 'upstream'", "the Load Image picture in the editor")
+        canvas = page.locator("canvas.painternet-editor-canvas")
+        canvas.wait_for(state="visible", timeout=10_000)
+        page.wait_for_timeout(300)  # let the widget settle at its final size
+        box = canvas.bounding_box()
+        assert box and box["width"] > 50 and box["height"] > 50, box
+        aspect = box["width"] / box["height"]
+        assert abs(aspect - IMAGE_SIZE[0] / IMAGE_SIZE[1]) < 0.02, f"editor canvas {box} lost the image's aspect"
+
+        (fx0, fy0), (fx1, fy1) = DRAG
+        _drag(page, box, DRAG, steps=8)
+        stored = _shapes(page, node)
+        assert [s["type"] for s in stored["shapes"]] == ["box"], stored
+        drawn = stored["shapes"][0]
+        for got, want in [(drawn["x"], fx0), (drawn["y"], fy0), (drawn["w"], fx1 - fx0), (drawn["h"], fy1 - fy0)]:
+            assert abs(got - want) < 0.01, (drawn, DRAG)
+
+        # Brush mode: a vertical stroke right of the box, at the default brush width.
+        editor = page.locator(".painternet-editor")
+        editor.locator("button", has_text="Brush").click()
+        _drag(page, box, STROKE, steps=10)
+        # A stray box, then Undo: only the stray one goes.
+        editor.locator("button", has_text="Box").click()
+        _drag(page, box, ((0.05, 0.05), (0.12, 0.15)), steps=3)
+        assert len(_shapes(page, node)["shapes"]) == 3
+        editor.locator("button", has_text="Undo").click()
+        stored = _shapes(page, node)
+        assert [s["type"] for s in stored["shapes"]] == ["box", "stroke"], stored
+        stroke = stored["shapes"][1]
+        assert stroke["width"] == pytest.approx(0.05) and len(stroke["points"]) >= 2, stroke
+        # The drawing is part of the saved workflow, not only of the prompt.
+        saved = page.evaluate(f"{APP}.graph.serialize().nodes.find(n => n.id === {BOX_NODE_ID}).widgets_values[0]")
+        assert json.loads(saved) == stored
+
+        page.evaluate(f"async () => {{ await {APP}.queuePrompt(0); }}")
+        outputs = _wait_for_output(server)
+        _wait(page, f"{node}.painternetEditor.imageSource === 'run'", "the run's preview in the editor", 30)
+        page.evaluate(f"{APP}.canvas.deselectAll()")
+        page.mouse.move(5, 790)
+        page.wait_for_timeout(300)
+
+        page.screenshot(path=str(tmp_path / "page.png"))
+        shot = tmp_path / "box_mask.png"
+        page.screenshot(path=str(shot), clip=SCREENSHOT_CLIP)
+        README_SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, README_SCREENSHOT)
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure.png"))
+        logger.error("browser console:\n%s", "\n".join(console[-60:]))  # pytest shows captured logs on failure
+        raise
+    finally:
+        page.close()
+
+    assert not [line for line in console if line.startswith("pageerror")], console
+    with Image.open(outputs[0]) as img:
+        saved_mask = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    width, height = IMAGE_SIZE
+    assert saved_mask.shape == (height, width)
+    # What the server saved is exactly the core's rendering of what the browser stored...
+    np.testing.assert_array_equal(saved_mask > 0.5, shapes.render_mask(json.dumps(stored), height, width) > 0.5)
+    # ...and the box is where the mouse dragged it: a filled rectangle, bounds within a few pixels.
+    left_part = saved_mask[:, : int(STROKE[0][0] * width) - 20] > 0.5
+    rows = np.flatnonzero(left_part.any(axis=1))
+    cols = np.flatnonzero(left_part.any(axis=0))
+    assert rows.size and cols.size, "the saved mask has no box"
+    assert abs(rows[0] - fy0 * height) <= TOLERANCE_PX and abs(rows[-1] + 1 - fy1 * height) <= TOLERANCE_PX
+    assert abs(cols[0] - fx0 * width) <= TOLERANCE_PX and abs(cols[-1] + 1 - fx1 * width) <= TOLERANCE_PX
+    assert left_part[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+    assert left_part.sum() == rows.size * cols.size
+    # The stroke: a band around x = 0.85 W from about 0.15 H to 0.85 H.
+    column = int(STROKE[0][0] * width)
+    band = column - 20 + np.flatnonzero(saved_mask[height // 2, column - 20:] > 0.5)
+    assert column in band and abs(band.size - 0.05 * height) <= 2, band  # brush 5 % of the short side
+    assert saved_mask[int(0.2 * height):int(0.8 * height), column].min() > 0.5
+    assert time.monotonic() - started < 90
+
+
+def _drag(page, box: dict[str, float], points: tuple[tuple[float, float], tuple[float, float]], steps: int) -> None:
+    """Press at points[0], move to points[1] and release; points are fractions of the canvas' bounding box."""
+    (x0, y0), (x1, y1) = points
+    page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + x1 * box["width"], box["y"] + y1 * box["height"], steps=steps)
+    page.mouse.up()
+
+
+def _shapes(page, node: str) -> dict[str, Any]:
+    return json.loads(page.evaluate(f"{node}.widgets.find(w => w.name === 'shapes').value"))
+
+
+def _wait_for_output(server, timeout_s: float = 60.0) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    pattern = os.path.join(server.output_dir, f"{PREFIX}_*.png")
+    while time.monotonic() < deadline:
+        found = sorted(glob.glob(pattern))
+        if found:
+            time.sleep(0.2)  # SaveImage writes then returns; give the file a moment to be complete
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern} after {timeout_s}s; server log tail:\n{server.log()[-3000:]}")
