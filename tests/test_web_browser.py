@@ -123,7 +123,8 @@ def _wait(page, expression: str, what: str, timeout_s: float = 30.0) -> Any:
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} ({expression})")
 
 
-def test_drag_a_box_in_the_browser_and_get_it_in_the_saved_mask(server, browser, tmp_path):
+def test_drag_a_box_in_the_browser_and_get_it_in_the_saved_mask(browser, server, tmp_path):
+    # `browser` first: without Chromium the test skips before a server is started for nothing.
     started = time.monotonic()
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     console: list[str] = []

@@ -14,7 +14,7 @@ const SHAPES_WIDGET = "shapes";
 const INVERT_WIDGET = "invert";
 const EDITOR_WIDGET = "painternet_editor";
 const FORMAT_VERSION = 1;
-// Blank canvas before any image is known: square, like the widget's default size in the Python node docs.
+// Blank canvas before any image is known (no run yet, nothing displayed upstream): square.
 const BLANK_SIZE = [512, 512];
 // Normalised values are written with 5 decimals: 0.1 px on a 10k image, and a short JSON string in the workflow.
 const DECIMALS = 5;
@@ -33,7 +33,9 @@ const round = (v) => Math.round(v * 10 ** DECIMALS) / 10 ** DECIMALS;
 const clamp01 = (v) => Math.min(1, Math.max(0, v));
 
 function viewUrl(ref) {
-  const params = new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder ?? "", type: ref.type ?? "temp" });
+  const params = new URLSearchParams({
+    filename: ref.filename, subfolder: ref.subfolder ?? "", type: ref.type ?? "temp",
+  });
   return api.apiURL(`/view?${params}&rand=${Math.random()}`);
 }
 
@@ -85,7 +87,11 @@ class ShapeEditor {
     }
     if (this.invertWidget) {
       const callback = this.invertWidget.callback;
-      this.invertWidget.callback = (...args) => { const r = callback?.apply(this.invertWidget, args); this.draw(); return r; };
+      this.invertWidget.callback = (...args) => {
+        const result = callback?.apply(this.invertWidget, args);
+        this.draw();
+        return result;
+      };
     }
     this.widget = node.addDOMWidget(EDITOR_WIDGET, EDITOR_WIDGET, this.root, {
       serialize: false,
@@ -201,9 +207,10 @@ class ShapeEditor {
     img.src = url;
   }
 
-  // Called every frame the node is drawn: picks up the upstream node's displayed image until the node has run.
+  // Called every frame the node is drawn. Shows the upstream node's displayed image (e.g. Load Image's preview)
+  // before the first run, and again whenever it changes afterwards (a new file picked), so the editor never keeps
+  // a stale run preview of a picture that is no longer connected.
   pollUpstream() {
-    if (this.imageSource === "run") return;
     const slot = this.node.inputs?.findIndex((input) => input.name === "image") ?? -1;
     const upstream = slot >= 0 ? this.node.getInputNode(slot) : null;
     const src = upstream?.imgs?.[upstream.imageIndex ?? 0]?.src ?? null;
@@ -290,7 +297,9 @@ class ShapeEditor {
       const y0 = Math.min(draft.y0, draft.y1);
       const w = Math.abs(draft.x1 - draft.x0);
       const h = Math.abs(draft.y1 - draft.y0);
-      if (w >= MIN_BOX && h >= MIN_BOX) shape = { type: "box", x: round(x0), y: round(y0), w: round(w), h: round(h) };
+      if (w >= MIN_BOX && h >= MIN_BOX) {
+        shape = { type: "box", x: round(x0), y: round(y0), w: round(w), h: round(h) };
+      }
     } else {
       shape = draft;
     }
@@ -409,9 +418,12 @@ app.registerExtension({
     nodeType.prototype.onConfigure = function () {
       const result = onConfigure?.apply(this, arguments);
       // Loading a workflow restores the widget value (and the properties) after the editor was built.
-      this.painternetEditor?.setMode(this.properties?.painternet_mode);
-      if (this.painternetEditor) this.painternetEditor.brushInput.value = String(this.properties?.painternet_brush ?? DEFAULT_BRUSH);
-      this.painternetEditor?.draw();
+      const editor = this.painternetEditor;
+      if (editor) {
+        editor.setMode(this.properties?.painternet_mode);
+        editor.brushInput.value = String(this.properties?.painternet_brush ?? DEFAULT_BRUSH);
+        editor.draw();
+      }
       return result;
     };
 
