@@ -1,0 +1,188 @@
+"""The trainer end to end on the tiny CPU presets (DESIGN §7): identity at step 0, a short run that learns only the
+branch, exact resume, crash-safe checkpoints under SIGKILL, an SDXL smoke run and export parity."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from painternet_core.branch import PainterNetBranch, painternet_unet_forward
+from painternet_core.checkpoint import load_branch
+from training import train
+from training.checkpoints import list_checkpoints
+from training.data import SyntheticShapes, collate_samples
+from training.step import BaseModel, compute_loss, load_base_model, step_generator
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--train_batch_size", "1", "--report_to", "none", "--validation_steps", "0", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def sd15_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, train.TrainResult]:
+    """One 3-step tiny-sd15 run with a checkpoint at 2, ATAL on, validation and tensorboard at step 3."""
+    out = tmp_path_factory.mktemp("sd15") / "run"
+    result = train.main(["--preset", "tiny-sd15", "--output_dir", str(out), "--max_train_steps", "3",
+                         "--checkpointing_steps", "2", "--train_batch_size", "1", "--seed", "3",
+                         "--learning_rate", "1e-3", "--validation_steps", "3", "--validation_inference_steps", "2",
+                         "--report_to", "tensorboard"])
+    return out, result
+
+
+def _batch(resolution: int = 64, size: int = 2) -> dict:
+    stream = iter(SyntheticShapes(8, resolution, seed=1))
+    return collate_samples([next(stream) for _ in range(size)])
+
+
+def test_step0_of_a_fresh_branch_reproduces_the_base_prediction(sd15_run):
+    _, result = sd15_run
+    base = result.base
+    branch = PainterNetBranch.from_unet(base.unet)
+    batch = _batch()
+    got = compute_loss(base, branch, batch, step_generator(0, 0, 0, torch.device("cpu")), config=branch.config,
+                       weight_dtype=torch.float32, recorder=None, beta=0.0, prompt_dropout=0.0).prediction
+    # The same draws, through the base UNet alone.
+    from training.step import encode_prompts, vae_encoder
+
+    generator = step_generator(0, 0, 0, torch.device("cpu"))
+    dropped = torch.rand(2, generator=generator) < 0.0
+    text = encode_prompts(base, batch["prompt"], dropped, torch.device("cpu"), torch.float32, batch)
+    with torch.no_grad():
+        latents = vae_encoder(base.vae, True, generator)((batch["pixel_values"] + 1) / 2)
+        vae_encoder(base.vae, True, generator)((batch["pixel_values"] + 1) / 2)  # the condition's draw
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (2,), generator=generator)
+        noisy = base.noise_scheduler.add_noise(latents, noise, t)
+        expected = base.unet(noisy, t, encoder_hidden_states=text.hidden_states).sample
+    assert torch.equal(got, expected)
+
+
+def test_tiny_sd15_run_trains_only_the_branch(sd15_run):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    out, result = sd15_run
+    assert result.global_step == 3 and sorted(result.losses) == [1, 2, 3]
+    for logs in result.losses.values():
+        assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+        assert logs["l_atal_weighted"] == pytest.approx(1e-5 * logs["l_atal"])
+    assert any(logs["l_atal"] > 0 for logs in result.losses.values())  # 0 only when the prompt was dropped
+    fresh = PainterNetBranch.from_unet(UNet2DConditionModel.from_pretrained(out / "tiny-base", subfolder="unet"))
+    trained = result.branch.state_dict()
+    changed = [k for k, v in fresh.state_dict().items() if not torch.equal(v, trained[k])]
+    assert any(k.startswith("attention_control") for k in changed)
+    assert any(k.startswith("layer_control") for k in changed)
+    assert any(k.startswith("down_blocks") for k in changed)
+    for cls, sub, live in ((UNet2DConditionModel, "unet", result.base.unet), (AutoencoderKL, "vae", result.base.vae),
+                           (CLIPTextModel, "text_encoder", result.base.text_encoder)):
+        disk = cls.from_pretrained(out / "tiny-base", subfolder=sub).state_dict()
+        live_state = live.state_dict()
+        assert all(torch.equal(disk[k], live_state[k]) for k in disk), sub
+        assert not any(p.requires_grad for p in live.parameters())
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    assert (out / "validation" / "step-0000003.png").is_file()
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_resume_latest_continues_with_the_same_next_batch_loss(sd15_run, tmp_path):
+    out, straight = sd15_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("validation", "logs", "painternet.safetensors"))
+    resumed = train.main(["--preset", "tiny-sd15", "--output_dir", str(copy), "--max_train_steps", "3",
+                          "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--resume_from_checkpoint",
+                          "latest", *FAST])
+    assert resumed.resumed_from == copy / "checkpoint-2"
+    assert sorted(resumed.losses) == [3]
+    assert resumed.losses[3]["l_diff"] == straight.losses[3]["l_diff"]
+    assert resumed.losses[3]["l_atal"] == straight.losses[3]["l_atal"]
+    a, b = straight.branch.state_dict(), resumed.branch.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_resumable(sd15_run, tmp_path):
+    out, _ = sd15_run
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(out / "tiny-base", run / "tiny-base")
+    cmd = [sys.executable, str(REPO / "training" / "train.py"), "--preset", "tiny-sd15", "--output_dir", str(run),
+           "--max_train_steps", "200", "--checkpointing_steps", "1", *FAST]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_during_save = False
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            names = os.listdir(run)
+            if ".checkpoint-2.tmp" in names:  # checkpoint-1 is complete, checkpoint-2 is being written
+                proc.send_signal(signal.SIGKILL)
+                killed_during_save = True
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert killed_during_save, "the run never reached its second checkpoint"
+    complete = list_checkpoints(run)
+    # checkpoint-2 only if the rename landed between listdir and the kill; never a half-written checkpoint-2.
+    assert complete and complete[-1].name in {"checkpoint-1", "checkpoint-2"}
+    last = int(complete[-1].name.split("-")[1])
+    resumed = train.main(["--preset", "tiny-sd15", "--output_dir", str(run), "--max_train_steps", str(last + 1),
+                          "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest", *FAST])
+    assert resumed.resumed_from == complete[-1] and sorted(resumed.losses) == [last + 1]
+    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+
+
+def test_tiny_sdxl_smoke_with_accumulation_and_checkpointing(tmp_path):
+    result = train.main(["--preset", "tiny-sdxl", "--output_dir", str(tmp_path), "--max_train_steps", "1",
+                         "--gradient_accumulation_steps", "2", "--gradient_checkpointing", "--checkpointing_steps",
+                         "1", "--train_batch_size", "2", "--prompt_dropout", "0.5", "--validation_steps", "1",
+                         "--validation_inference_steps", "2", "--report_to", "none"])
+    assert result.global_step == 1 and torch.isfinite(torch.tensor(result.losses[1]["loss"]))
+    assert result.base.vae.dtype == torch.float32
+    state, config = load_branch(str(result.export_path))
+    assert config.family == "sdxl" and len(config.layout.attention) == sum(k.startswith("attention_control") and k.endswith("weight") for k in state)
+    assert (tmp_path / "validation" / "step-0000001.png").is_file()
+
+
+def test_export_loads_and_matches_the_trainers_model(sd15_run):
+    out, result = sd15_run
+    state, config = load_branch(str(out / "painternet.safetensors"))
+    loaded = PainterNetBranch(config)
+    loaded.load_state_dict(state, strict=True)
+    base: BaseModel = result.base
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    condition = torch.randn(2, 5, 8, 8, generator=generator)
+    context = torch.randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        ours = painternet_unet_forward(base.unet, result.branch, sample, 500, context, condition)
+        theirs = painternet_unet_forward(base.unet, loaded, sample, 500, context, condition)
+        plain = base.unet(sample, 500, encoder_hidden_states=context).sample
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, plain)  # the trained branch really contributes
+
+
+def test_cli_help_yaml_config_and_bad_values(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--pretrained_model_name_or_path", "--resume_from_checkpoint", "--beta", "--no_atal", "--preset",
+                 "--use_8bit_adam", "--export_name", "--checkpoints_total_limit"):
+        assert flag in help_text
+    config = tmp_path / "c.yaml"
+    config.write_text("preset: tiny-sd15\nlearning_rate: 0.002\nmax_train_steps: 7\n")
+    args = train.parse_args(["--config", str(config), "--max_train_steps", "9"])
+    assert (args.learning_rate, args.max_train_steps, args.preset) == (0.002, 9, "tiny-sd15")
+    config.write_text("learning_rat: 1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        train.parse_args(["--config", str(config)])
+    with pytest.raises(ValueError, match="prompt_dropout"):
+        train.parse_args(["--preset", "tiny-sd15", "--prompt_dropout", "1.5"])
+    with pytest.raises(ValueError, match="exactly one"):
+        train.parse_args([])
