@@ -125,3 +125,21 @@ def branch_file(family: str, name: str, seed: int = 5, gain: float = 0.3) -> str
     os.makedirs(MODELS, exist_ok=True)
     save_branch(path, {k: v.half() for k, v in branch.state_dict().items()}, branch.config)
     return path
+
+
+def sd15_checkpoint_variant(name: str, seed: int) -> str:
+    """Another SD15-detected checkpoint of the same topology with *different* weights (UNet, CLIP-L and TAESD seeded
+    from `seed`), written as its own file: what a real checkpoint swap looks like to ComfyUI. Cached by name."""
+    path = os.path.join(MODELS, name)
+    if os.path.exists(path):
+        return path
+    import comfy.utils
+
+    os.makedirs(MODELS, exist_ok=True)
+    sd = {f"model.diffusion_model.{k}": v.half() for k, v in _unet_sd(SD15_SMALL_UNET, seed).items()}
+    sd.update({f"first_stage_model.{k}": v.half() for k, v in _taesd_sd(seed + 1).items()})
+    sd.update({f"cond_stage_model.{k}": v.half() for k, v in _clip_l_sd(seed + 2).items()})
+    tmp = path + ".tmp"
+    comfy.utils.save_torch_file(sd, tmp)
+    os.replace(tmp, path)
+    return path
