@@ -99,8 +99,9 @@ def error_text(entry: dict[str, Any]) -> str:
     return ""
 
 
-def start_server(base: str, timeout: float = 300.0) -> ComfyServer:
-    """Start ComfyUI with its own base folder (models, input, output, user) and the pack linked in."""
+def start_server(base: str, timeout: float = 300.0, cpu: bool = True) -> ComfyServer:
+    """Start ComfyUI with its own base folder (models, input, output, user) and the pack linked in; `cpu=False`
+    lets it pick the accelerator (benchmarks on a GPU machine)."""
     for sub in ("custom_nodes", "input", "output", "temp", "user", "models/checkpoints", "models/painternet"):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     link = os.path.join(base, "custom_nodes", PACK_NAME)
@@ -112,11 +113,11 @@ def start_server(base: str, timeout: float = 300.0) -> ComfyServer:
                  f"  painternet: models/painternet\n  vae: models/vae\n  custom_nodes: custom_nodes\n")
     port = _free_port()
     log_path = os.path.join(base, "server.log")
-    cmd = [sys.executable, os.path.join(COMFYUI_PATH, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
-           str(port), "--extra-model-paths-config", config, "--input-directory", os.path.join(base, "input"),
-           "--output-directory", os.path.join(base, "output"), "--temp-directory", os.path.join(base, "temp"),
-           "--user-directory", os.path.join(base, "user"), "--database-url", "sqlite:///:memory:",
-           "--disable-auto-launch", "--disable-api-nodes"]
+    cmd = [sys.executable, os.path.join(COMFYUI_PATH, "main.py"), *(["--cpu"] if cpu else []), "--listen",
+           "127.0.0.1", "--port", str(port), "--extra-model-paths-config", config, "--input-directory",
+           os.path.join(base, "input"), "--output-directory", os.path.join(base, "output"), "--temp-directory",
+           os.path.join(base, "temp"), "--user-directory", os.path.join(base, "user"), "--database-url",
+           "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log = open(log_path, "w", encoding="utf-8")
     process = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)
