@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from painternet_core.checkpoint import load_branch
+from painternet_core.checkpoint import check_layout, load_branch
 from painternet_core.config import ControlLayout, PainterNetConfig
 
 logger = logging.getLogger("painternet")
@@ -113,23 +113,22 @@ class ComfyPainterNetBranch(nn.Module):
         self.attention_control = nn.ModuleList(
             operations.Linear(c, c, dtype=dtype, device=device) for c in layout.attention)
 
-    def load_diffusers_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_diffusers_state_dict(self, state_dict: dict[str, torch.Tensor], path: str) -> None:
         """Rename our diffusers-named keys with ComfyUI's own map and load strictly."""
         import comfy.utils
 
         unet_map = comfy.utils.unet_to_diffusers(self.unet_config)
-        converted = {}
+        back = {"diffusion_model." + v: k for k, v in unet_map.items()}
+        converted, unplaced = {}, []
         for key, value in state_dict.items():
             if key in unet_map:
                 converted["diffusion_model." + unet_map[key]] = value
             elif key.startswith(("layer_control_", "attention_control.")):
                 converted[key] = value
             else:
-                raise ValueError(f"branch key {key!r} has no place in the ComfyUI branch; the file does not match "
-                                 "its declared topology")
+                unplaced.append(key)
         missing, unexpected = self.load_state_dict(converted, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"branch weights do not fit: missing {missing[:3]} unexpected {unexpected[:3]}")
+        check_layout(path, self.config, sorted(back.get(k, k) for k in missing), sorted(unplaced + unexpected))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
                 y: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -218,7 +217,7 @@ def build_branch(state_dict: dict[str, torch.Tensor], config: PainterNetConfig, 
     manual_cast = mm.unet_manual_cast(unet_dtype, load_device)
     operations = comfy.ops.pick_operations(unet_dtype, manual_cast)
     module = ComfyPainterNetBranch(config, dtype=unet_dtype, device=offload_device, operations=operations)
-    module.load_diffusers_state_dict({k: v.to(unet_dtype) for k, v in state_dict.items()})
+    module.load_diffusers_state_dict({k: v.to(unet_dtype) for k, v in state_dict.items()}, name)
     module.compute_dtype = manual_cast or unet_dtype
     patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
     logger.info("PainterNet %s: %s %s, weights %s, compute %s", name, config.family, config.source_format,
@@ -229,5 +228,5 @@ def build_branch(state_dict: dict[str, torch.Tensor], config: PainterNetConfig, 
 def load_painternet(path: str, dtype: str = "auto") -> PainterNet:
     import os
 
-    state_dict, config = load_branch(path)
+    state_dict, config = load_branch(path, check_keys=False)
     return build_branch(state_dict, config, dtype=dtype, name=os.path.basename(path))

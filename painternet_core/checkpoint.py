@@ -134,10 +134,12 @@ def _brushnet_config(tensors: Mapping[str, torch.Tensor]) -> PainterNetConfig:
     )
 
 
-def load_branch(path: str) -> tuple[dict[str, torch.Tensor], PainterNetConfig]:
+def load_branch(path: str, check_keys: bool = True) -> tuple[dict[str, torch.Tensor], PainterNetConfig]:
     """Load a branch file into (state dict in our diffusers naming, config), strictly.
 
-    Detectors run most specific first; a file matching none is refused with what was found.
+    Detectors run most specific first; a file matching none is refused with what was found. `check_keys` compares
+    the keys with a reference branch built by diffusers on the meta device; the ComfyUI loader passes False because
+    it has no diffusers and its own strict load of the converted keys is the same check.
     """
     tensors, metadata = read_safetensors(path)
     if "painternet_format" in metadata:
@@ -165,13 +167,17 @@ def load_branch(path: str) -> tuple[dict[str, torch.Tensor], PainterNetConfig]:
             f"{path!r} is not a PainterNet or BrushNet checkpoint (no painternet_format metadata, no "
             f"brushnet_down_blocks.* keys; first keys: {sample}). Export it with training/train.py or pick another file"
         )
-    expected = expected_keys(config)
-    missing = sorted(expected - set(tensors))
-    unexpected = sorted(set(tensors) - expected)
+    if check_keys:
+        expected = expected_keys(config)
+        check_layout(path, config, sorted(expected - set(tensors)), sorted(set(tensors) - expected))
+    return tensors, config
+
+
+def check_layout(path: str, config: PainterNetConfig, missing: list[str], unexpected: list[str]) -> None:
+    """The one error for a file whose keys do not match its declared layout, whichever side noticed it."""
     if missing or unexpected:
         raise ValueError(
             f"{path!r} does not match its {config.family} {config.source_format} layout: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
             f"(e.g. {unexpected[:3]}); the file is incomplete or was written for another topology"
         )
-    return tensors, config

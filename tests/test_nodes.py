@@ -2,6 +2,8 @@
 family checks — on tiny SD1.5/SDXL-shaped models carrying the same weights in diffusers and ComfyUI."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -190,3 +192,31 @@ def test_family_mismatch_is_a_clear_error(branch_family, model_kind, message, tm
     model = comfy.model_patcher.ModelPatcher(model_config.get_model({}, device="meta"), "cpu", "cpu")
     with pytest.raises(ValueError, match=message):
         pack_module("nodes.branch").check_base(model, painternet.config)
+
+
+def test_loading_needs_no_diffusers(tmp_path):
+    """Inference stays on ComfyUI's own modules: a branch loads and runs with diffusers unimportable."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from diffusers import UNet2DConditionModel
+
+    path = tmp_path / "branch.safetensors"
+
+    branch = PainterNetBranch.from_unet(UNet2DConditionModel.from_config(TINY_SD15_UNET))
+    save_branch(str(path), branch.state_dict(), branch.config)
+    script = f"""
+import sys
+sys.modules["diffusers"] = None
+sys.path.insert(0, {os.path.join(REPO, "tests")!r})
+import conftest, torch
+from comfy_helpers import pack_module
+pn = pack_module("nodes.branch").load_painternet({str(path)!r}, "fp32")
+out = pn.patcher.model(torch.zeros(1, 9, 16, 16), torch.tensor([10.0]), torch.zeros(1, 7, 32))
+assert len(out["down"]) == 12 and "diffusers" not in [m for m in sys.modules if sys.modules[m] is not None]
+print("OK")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
