@@ -27,7 +27,17 @@ def load_with_loader_node(tmp_path, name: str, branch: PainterNetBranch):
     return painternet
 
 
+_CACHE: dict = {}
+
+
 def _setup(family: str, tmp_path, randomize: bool):
+    """Built once per (family, randomize) for the module; tests only clone the ModelPatcher, never mutate it."""
+    if (family, randomize) not in _CACHE:
+        _CACHE[family, randomize] = _build(family, tmp_path, randomize)
+    return _CACHE[family, randomize]
+
+
+def _build(family: str, tmp_path, randomize: bool):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
