@@ -315,12 +315,14 @@ def inpaint(
     guidance_scale: float = 7.5,
     scale: float = 1.0,
     weight_dtype: torch.dtype = torch.float32,
+    paste_back: bool = True,
 ) -> torch.Tensor:
     """Reference inpainting with a small DDIM loop over ``painternet_unet_forward``; returns (B,3,H,W) in [0, 1].
 
     Why not a diffusers pipeline: none knows the PainterNet branch, and this loop is the same forward the nodes
     reproduce in ComfyUI (base + scaled branch residuals, CFG over [uncond, cond]). ``image`` (B,3,H,W) in [0, 1],
-    ``mask`` (B,1,H,W) 1 = hole. The unmasked region is pasted back from the input, as the ComfyUI workflow does.
+    ``mask`` (B,1,H,W) 1 = hole. The unmasked region is pasted back from the input, as the ComfyUI workflow does;
+    ``paste_back=False`` returns the raw decode instead (to measure how well the model itself preserves it).
     """
     from diffusers import DDIMScheduler
 
@@ -354,5 +356,7 @@ def inpaint(
     vae_dtype = next(base.vae.parameters()).dtype
     decoded = base.vae.decode((latents / base.vae.config.scaling_factor).to(vae_dtype)).sample.float()
     decoded = ((decoded + 1) / 2).clamp(0, 1)
+    if not paste_back:
+        return decoded
     hole = (F.interpolate(mask.float(), size=decoded.shape[-2:], mode="nearest") > 0.5).float()
     return decoded * hole + image.float() * (1 - hole)
