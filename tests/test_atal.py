@@ -245,8 +245,8 @@ def test_atal_through_the_painternet_branch_sdxl_with_block_checkpointing(tmp_pa
     gen = torch.Generator().manual_seed(4)
     latents = torch.randn(2, 4, 8, 8, generator=gen)
     condition = torch.randn(2, 5, 8, 8, generator=gen)
-    context = torch.randn(2, 9, 32, generator=gen)
-    added = {"text_embeds": torch.randn(2, 16, generator=gen), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    context = torch.randn(2, 9, 64, generator=gen)
+    added = {"text_embeds": torch.randn(2, 32, generator=gen), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
     token_mask = torch.zeros(2, 9, dtype=torch.bool)
     token_mask[0, 1:3] = True
     token_mask[1, 1:8] = True
@@ -258,7 +258,7 @@ def test_atal_through_the_painternet_branch_sdxl_with_block_checkpointing(tmp_pa
         branch = PainterNetBranch.from_unet(parts.unet)
         recorder = ATALRecorder()
         names = install_atal_processors(branch, recorder)
-        assert len(names) == 22  # (1, 2, 2) transformer layers: 8 down + 2 mid + 12 up
+        assert len(names) == 70  # the real SDXL depths (1, 2, 10): 24 down + 10 mid + 36 up
         if use_checkpoint:
             # What diffusers' ModelMixin.enable_gradient_checkpointing does to each block (non-reentrant).
             for module in branch.modules():

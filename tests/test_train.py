@@ -186,3 +186,36 @@ def test_cli_help_yaml_config_and_bad_values(tmp_path, capsys):
         train.parse_args(["--preset", "tiny-sd15", "--prompt_dropout", "1.5"])
     with pytest.raises(ValueError, match="exactly one"):
         train.parse_args([])
+
+
+def test_export_runs_in_comfyui_like_in_the_trainer(sd15_run, tmp_path):
+    """The exported file through the PainterNetLoader node on a ComfyUI model holding the trainer's base UNet gives
+    the trainer's prediction (ComfyUI is fed the same discrete timestep and context)."""
+    import shutil
+
+    import comfy.model_management as mm
+    import folder_paths
+
+    from comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
+
+    out, result = sd15_run
+    folder = tmp_path / "painternet"
+    folder.mkdir()
+    shutil.copy(out / "painternet.safetensors", folder / "trained-tiny.safetensors")
+    folder_paths.add_model_folder_path("painternet", str(folder))
+    (painternet,) = load_pack()["PainterNetLoader"]().load("trained-tiny.safetensors", "fp32")
+    unet = result.base.unet.float()
+    model = comfy_model_from_diffusers(unet, "sd15")
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    condition = torch.randn(1, 5, 8, 8, generator=generator)
+    context = torch.randn(1, 77, 32, generator=generator)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        want = painternet_unet_forward(unet, result.branch.float(), sample, t, context, condition)
+    patched = pack_module("nodes.injection").apply_painternet(model, painternet, condition, 1.0, 0.0, 1.0)
+    mm.load_models_gpu([patched] + patched.get_nested_additional_models())
+    with torch.no_grad():
+        got = patched.model.diffusion_model(sample, t, context=context,
+                                            transformer_options=sampling_options(patched, 1.0, [0]))
+    assert (got - want).abs().max() <= 1e-5

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from painternet_core.config import TINY_SD15_UNET, TINY_SDXL_UNET
+
 logger = logging.getLogger("painternet.training")
 
 __all__ = [
@@ -173,7 +175,8 @@ def _scheduler() -> Any:
 
 def tiny_sd15_components(tmpdir: str | Path, seed: int = 0) -> TinyComponents:
     """SD1.5-shaped: 3×CrossAttnDownBlock2D + DownBlock2D, 2 layers per block (so 12/1/15 layer control points and
-    16 cross-attention blocks like the real model), channels (32, 32, 64, 64), one text encoder of width 32.
+    16 cross-attention blocks like the real model), channels (32, 32, 64, 64) (``TINY_SD15_UNET``, shared with the
+    parity tests so an exported tiny branch runs in ComfyUI too), one text encoder of width 32.
 
     ``tmpdir`` receives the tokenizer's vocabulary files.
     """
@@ -182,40 +185,26 @@ def tiny_sd15_components(tmpdir: str | Path, seed: int = 0) -> TinyComponents:
     tokenizer = tiny_clip_tokenizer(Path(tmpdir) / "tokenizer")
     text_encoder = _text_encoder(tokenizer, 32, with_projection=False, projection_dim=32, seed=seed + 1)
     with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
-        )
+        unet = UNet2DConditionModel.from_config(dict(TINY_SD15_UNET, sample_size=8))
     return TinyComponents(family="sd15", unet=unet.eval(), vae=_vae(0.18215, seed + 2, force_upcast=False),
                           text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_scheduler())
 
 
 def tiny_sdxl_components(tmpdir: str | Path, seed: int = 0) -> TinyComponents:
-    """SDXL-shaped: DownBlock2D + 2×CrossAttnDownBlock2D, transformer layers (1, 2, 2), linear projections,
-    ``text_time`` added conditioning, two text encoders (widths 16 + 16 = cross_attention_dim 32; the second with a
-    16-d projection used as the pooled embedding) and tokenizers padding with EOT and with "!" respectively.
-
-    ``projection_class_embeddings_input_dim`` = pooled dim + 6 time ids × ``addition_time_embed_dim``, as in SDXL.
+    """SDXL-shaped (``painternet_core.config.TINY_SDXL_UNET``): DownBlock2D + 2×CrossAttnDownBlock2D with the real
+    transformer depths (1, 2, 10), so 9/1/11 layer control points and 70 ACPs; linear projections, ``text_time``
+    added conditioning, two text encoders (widths 32 + 32 = cross_attention_dim 64; the second with a 32-d projection
+    used as the pooled embedding) and tokenizers padding with EOT and with "!" respectively. The same topology as the
+    parity tests, so an exported tiny branch also runs in ComfyUI (channels are multiples of 32 there).
     """
     from diffusers import UNet2DConditionModel
 
     tokenizer = tiny_clip_tokenizer(Path(tmpdir) / "tokenizer")
     tokenizer_2 = tiny_clip_tokenizer(Path(tmpdir) / "tokenizer_2", pad_token="!")
-    text_encoder = _text_encoder(tokenizer, 16, with_projection=False, projection_dim=16, seed=seed + 1)
-    text_encoder_2 = _text_encoder(tokenizer_2, 16, with_projection=True, projection_dim=16, seed=seed + 3)
-    time_dim = 8
+    text_encoder = _text_encoder(tokenizer, 32, with_projection=False, projection_dim=32, seed=seed + 1)
+    text_encoder_2 = _text_encoder(tokenizer_2, 32, with_projection=True, projection_dim=32, seed=seed + 3)
     with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
-            attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 2, 2), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=16 + 6 * time_dim,
-        )
+        unet = UNet2DConditionModel.from_config(dict(TINY_SDXL_UNET, sample_size=8))
     return TinyComponents(family="sdxl", unet=unet.eval(), vae=_vae(0.13025, seed + 2, force_upcast=True),
                           text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_scheduler(),
                           text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
