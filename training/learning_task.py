@@ -33,7 +33,7 @@ Can a frozen *random* tiny base carry the signal? No, and that decides the set-u
 Everything is a pure function of the seeds: scenes of (index, seed), masks of (index, seed), pretraining batches and
 noise of (settings.seed, step). Train scenes use indices [0, n); held-out scenes start at :data:`HELD_OUT_OFFSET`.
 
-Metrics (``bench/learning_check.py``, ``tests/test_learning.py``)
+Metrics (:func:`evaluate_branch`; exact on the original images, see tests/test_learning_task.py)
     * colour accuracy: every hole pixel is assigned to the nearest palette colour (4 target colours + 3 backgrounds,
       Euclidean RGB); the predicted colour is the target colour with the most hole pixels, or none if target colours
       cover < :data:`MIN_COLOUR_FRACTION` of the hole. Correct when it is the prompt's colour;
