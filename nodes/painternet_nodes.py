@@ -72,7 +72,7 @@ class PainterNetApply:
 
     def apply(self, model: Any, vae: Any, image: Any, mask: Any, painternet: Any, positive: Any, negative: Any,
               scale: float, start_percent: float, end_percent: float) -> tuple[Any, Any, Any, dict[str, Any]]:
-        from painternet_core.conditioning import normalize_mask, prepare_condition
+        from painternet_core.conditioning import crop_to_multiple, normalize_mask, prepare_condition
 
         from .branch import check_base
         from .injection import apply_painternet
@@ -80,25 +80,17 @@ class PainterNetApply:
         check_base(model, painternet.config)
         if image.ndim != 4 or image.shape[-1] < 3:
             raise ValueError(f"image has shape {tuple(image.shape)}; expected an IMAGE (B,H,W,3)")
-        b, h, w = image.shape[0], image.shape[1], image.shape[2]
-        m = normalize_mask(mask, h, w, b)
-        ratio = vae.downscale_ratio
-        ch, cw = (h // ratio) * ratio, (w // ratio) * ratio
-        if ch == 0 or cw == 0:
-            raise ValueError(f"image is {w}x{h} px; PainterNet needs at least {ratio}x{ratio} px")
-        top, left = (h % ratio) // 2, (w % ratio) // 2
-        pixels = image[:, top:top + ch, left:left + cw, :3]
-        m = m[:, :, top:top + ch, left:left + cw]
-        if float(m.max()) == 0.0:
-            raise ValueError("mask is empty: nothing to inpaint. Paint the region to generate in white (mask = 1)")
+        pixels = image[..., :3].movedim(-1, 1)
+        pixels, m = crop_to_multiple(pixels, normalize_mask(mask, pixels.shape[2], pixels.shape[3], pixels.shape[0]),
+                                     vae.downscale_ratio)
         latent_format = model.get_model_object("latent_format")
 
         def encode(px: Any) -> Any:
             return latent_format.process_in(vae.encode(px.movedim(1, -1)))
 
-        condition = prepare_condition(pixels.movedim(-1, 1), m, encode, painternet.config)
+        condition = prepare_condition(pixels, m, encode, painternet.config)
         patched = apply_painternet(model, painternet, condition.cpu(), scale, start_percent, end_percent)
-        latent = {"samples": vae.encode(pixels), "noise_mask": m}
+        latent = {"samples": vae.encode(pixels.movedim(1, -1)), "noise_mask": m}
         return patched, positive, negative, latent
 
 

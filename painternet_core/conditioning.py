@@ -46,6 +46,17 @@ def normalize_mask(mask: torch.Tensor, height: int, width: int, batch: int) -> t
     return (mask > MASK_THRESHOLD).float()
 
 
+def crop_to_multiple(image: torch.Tensor, mask: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre-crop image (B,C,H,W) and mask (B,1,H,W) to a multiple of the VAE's downscale, as ComfyUI's
+    VAEEncodeForInpaint does, so the latent covers the same pixels the mask describes."""
+    h, w = image.shape[-2:]
+    ch, cw = (h // multiple) * multiple, (w // multiple) * multiple
+    if ch == 0 or cw == 0:
+        raise ValueError(f"image is {w}x{h} px; PainterNet needs at least {multiple}x{multiple} px")
+    top, left = (h % multiple) // 2, (w % multiple) // 2
+    return image[..., top:top + ch, left:left + cw], mask[..., top:top + ch, left:left + cw]
+
+
 def masked_image(image: torch.Tensor, mask: torch.Tensor, fill: float) -> torch.Tensor:
     """image (B,3,H,W) in [0,1], mask (B,1,H,W) binary, 1 = hole: hole pixels replaced by `fill`."""
     return image * (1.0 - mask) + fill * mask
@@ -77,5 +88,7 @@ def prepare_condition(
         raise ValueError("image contains NaN or infinite values; fix the node that produced it")
     b, _, h, w = image.shape
     m = normalize_mask(mask.to(image.device), h, w, b)
+    if float(m.max()) == 0.0:
+        raise ValueError("mask is empty: nothing to inpaint. Paint the region to generate in white (mask = 1)")
     z = encode(masked_image(image, m, config.masked_fill))
     return torch.cat([z, latent_mask(m, tuple(z.shape[-2:]), config).to(z.dtype)], dim=1)

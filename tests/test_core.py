@@ -176,3 +176,18 @@ def test_rooms_do_not_cross():
     assert not _imports("painternet_core") & {"comfy", "nodes", "training", "folder_paths", "comfy_extras"}
     assert "training" not in _imports("nodes")
     assert not _imports("training") & {"comfy", "nodes", "folder_paths"}
+
+
+def test_crop_to_multiple_and_empty_mask():
+    from painternet_core.conditioning import crop_to_multiple
+
+    image = torch.arange(45 * 67, dtype=torch.float32).reshape(1, 1, 45, 67)
+    mask = torch.ones(1, 1, 45, 67)
+    cropped, m = crop_to_multiple(image, mask, 8)
+    assert cropped.shape[-2:] == (40, 64) and m.shape[-2:] == (40, 64)
+    assert cropped[0, 0, 0, 0] == image[0, 0, 2, 1]  # centred: (45 % 8) // 2 rows, (67 % 8) // 2 columns
+    with pytest.raises(ValueError, match="at least 8x8 px"):
+        crop_to_multiple(torch.zeros(1, 3, 1, 1), torch.zeros(1, 1, 1, 1), 8)
+    config = PainterNetConfig.from_unet_config(TINY_SD15_UNET)
+    with pytest.raises(ValueError, match="mask is empty"):
+        prepare_condition(torch.rand(1, 3, 16, 16), torch.zeros(1, 16, 16), lambda px: px, config)
