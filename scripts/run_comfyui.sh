@@ -6,6 +6,11 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
 comfy="${COMFYUI_PATH:-$root/.cache/comfyui}"
+if [ -z "${COMFYUI_PATH:-}" ] && [ ! -f "$root/.venv/.painternet-ui" ]; then
+  # The pinned ComfyUI's template browser and node docs (not needed by the tests, so not in bootstrap.sh).
+  "$root/.venv/bin/python" -m pip install -q "comfyui-workflow-templates==0.7.25" "comfyui-embedded-docs==0.3.1"
+  touch "$root/.venv/.painternet-ui"
+fi
 mkdir -p "$comfy/custom_nodes" "$comfy/models/painternet"
 link="$comfy/custom_nodes/ComfyUI-PainterNet"
 if [ ! -e "$link" ] && [ "$(cd "$root/.." && pwd)" != "$(cd "$comfy/custom_nodes" && pwd)" ]; then
