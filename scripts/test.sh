@@ -4,5 +4,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
-cd "$root"
-exec .venv/bin/python -m pytest -c tests/pytest.ini --rootdir=tests -q -p no:cacheprovider "$@"
+# From inside tests/ so tests/pytest.ini is the config and tests/ the rootdir (see that file); paths given as
+# arguments are relative to tests/, e.g. `bash scripts/test.sh test_core.py -k layout`.
+cd "$root/tests"
+exec "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
