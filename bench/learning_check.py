@@ -5,10 +5,10 @@ shape of the object under the hole), for every seed: the tiny base is prepared (
 with ``training/train.py``'s ``main`` in the four settings of ``learning_task.SETTINGS`` — no branch (the
 zero-initialised branch, i.e. the base with the known region pasted back), branch without ACP and ATAL, branch + ACP,
 branch + ACP + ATAL — and each is scored on the same held-out scenes (``evaluate_branch``: DDIM 20 steps, CFG 5):
-colour accuracy in the hole, shape accuracy, preservation MSE of the raw decode outside the hole, and the branch's
-attention mass of the prompt tokens inside the hole. Prints the table (mean over seeds, then per seed), the budget
-and the wall time; ``--grid`` writes held-out inpaintings of the last seed (rows: samples; columns: masked input, the
-four settings, the original).
+colour accuracy in the hole, the fraction of hole pixels in the prompt's colour, shape accuracy, preservation MSE of
+the raw decode outside the hole, and the branch's attention mass of the prompt tokens inside the hole. Prints the
+table (mean over seeds, then per seed), the budget and the wall time; ``--grid`` writes held-out inpaintings of the
+last seed (rows: samples; columns: masked input, the four settings, the original).
 
 Usage: python bench/learning_check.py [--seeds 0 1 2] [--steps 300] [--grid docs/learning_check_grid.png]
 """
@@ -72,16 +72,17 @@ def run(args: argparse.Namespace) -> None:
           f"{' '.join(map(str, args.seeds))}; eval DDIM 20 steps, CFG 5")
     print(f"wall time: {wall:.0f} s (base preparation {prepared:.0f} s)")
     print()
-    header = f"{'setting':<28} {'colour acc':>11} {'shape acc':>10} {'preserv. MSE':>13} {'attn mass in hole':>18}"
+    header = (f"{'setting':<28} {'colour acc':>17} {'colour frac':>17} {'shape acc':>17} {'preserv. MSE':>17} "
+              f"{'attn mass in hole':>19}")
     print("mean over seeds (min-max)")
     print(header)
     for name, per_seed in results.items():
         cells = []
-        for field, fmt in (("colour_accuracy", "{:.2f}"), ("shape_accuracy", "{:.2f}"),
-                           ("preservation_mse", "{:.3f}"), ("attention_mass", "{:.3f}")):
+        for field, fmt in (("colour_accuracy", "{:.2f}"), ("colour_fraction", "{:.2f}"),
+                           ("shape_accuracy", "{:.2f}"), ("preservation_mse", "{:.3f}"), ("attention_mass", "{:.3f}")):
             values = [getattr(r, field) for r in per_seed.values()]
             cells.append(f"{fmt.format(np.mean(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})")
-        print(f"{name:<28} {cells[0]:>11} {cells[1]:>10} {cells[2]:>13} {cells[3]:>18}")
+        print(f"{name:<28} " + " ".join(f"{cell:>17}" for cell in cells[:4]) + f" {cells[4]:>19}")
     print()
     print("per seed: colour acc / attention mass")
     print(f"{'setting':<28} " + " ".join(f"{'seed ' + str(s):>14}" for s in args.seeds))
