@@ -90,10 +90,16 @@ def _workflow() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def browser():
+    # .ci/run sets PAINTERNET_REQUIRE_BROWSER=1: in CI a missing browser is a failure, never a silent skip.
+    required = os.environ.get("PAINTERNET_REQUIRE_BROWSER") == "1"
     if not os.path.isfile(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` package (apt-get install -y chromium) "
-                    "to run the browser test; Playwright never downloads one here")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+        (pytest.fail if required else pytest.skip)(
+            f"no Chromium at {CHROMIUM}: install Debian's `chromium` package (apt-get install -y chromium) to run "
+            "the browser test; Playwright never downloads one here")
+    if required:
+        import playwright.sync_api as sync_api
+    else:
+        sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
     with sync_api.sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield chromium
