@@ -253,3 +253,39 @@ def test_two_process_ddp_run_keeps_the_lr_schedule_and_saves_every_rank(tmp_path
     assert scheduler["_last_lr"][0] == pytest.approx(0.5e-3)
     state, config = load_branch(str(out / "painternet.safetensors"))
     assert config.family == "sd15" and all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_single_file_checkpoint_loads_the_same_weights_as_its_diffusers_folder(sd15_run, tmp_path):
+    """`--pretrained_model_name_or_path model.safetensors --single_file_config FOLDER`: an original-layout SD1.5 file
+    (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*, written here with ComfyUI's own key
+    maps) loads offline with exactly the folder's weights; without a config the error names the fix."""
+    import comfy.diffusers_convert
+    import comfy.utils
+    from safetensors.torch import save_file
+
+    from comfy_helpers import comfy_model_config, pack_module
+
+    out, _ = sd15_run
+    folder = out / "tiny-base"
+    base = load_base_model(folder)
+    unet_config = pack_module("nodes.branch").comfy_unet_config(dict(base.unet.config), in_channels=4)
+    unet_keys = comfy.utils.unet_to_diffusers(comfy_model_config("sd15", unet_config).unet_config)
+    vae = comfy.diffusers_convert.convert_vae_state_dict(base.vae.state_dict())
+    state = {f"model.diffusion_model.{unet_keys[k]}": v for k, v in base.unet.state_dict().items()}
+    state |= {f"first_stage_model.{k}": v for k, v in vae.items()}
+    state |= {f"cond_stage_model.transformer.{k}": v for k, v in base.text_encoder.state_dict().items()}
+    single = tmp_path / "tiny-sd15.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(single))
+
+    loaded = load_base_model(single, str(folder))
+    assert loaded.family == "sd15"
+    for part in ("unet", "vae", "text_encoder"):
+        want, got = getattr(base, part).state_dict(), getattr(loaded, part).state_dict()
+        assert set(want) == set(got), part
+        assert all(torch.equal(want[k], got[k].reshape(want[k].shape)) for k in want), part
+    with pytest.raises(ValueError, match="--single_file_config"):
+        load_base_model(single)
+    pickled = tmp_path / "tiny-sd15.ckpt"
+    pickled.write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match=r"\.ckpt file"):
+        load_base_model(pickled)
