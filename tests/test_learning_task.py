@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from training.data import FolderDataset
-from training.learning_task import (PretrainSettings, classify_hole_colour, evaluate_branch, held_out_samples,
-                                    hole_colour_fraction, hole_shape_correct, preservation_mse, prepare_base,
-                                    task_scene, train_setting, write_task_folder)
+from training.learning_task import (PretrainSettings, attention_mass, classify_hole_colour, evaluate_branch,
+                                    held_out_samples, hole_colour_fraction, hole_shape_correct, preservation_mse,
+                                    prepare_base, task_scene, train_setting, write_task_folder)
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "learning_task"
 
@@ -48,10 +48,11 @@ def test_task_folder_is_what_the_trainer_reads(tmp_path):
 def test_training_teaches_the_local_prompt_and_atal_moves_attention_into_the_hole(tmp_path):
     """The fast learning check (bench/learning_check.py is the full one): 150 steps of the real trainer (ACP + ATAL)
     on a lighter base (200 pretraining steps on 256 scenes) against the untrained branch, same held-out scenes, same
-    sampling seed. Measured on the 2-core CPU, seeds 0/1/2 (training and sampling): prompt-colour fraction of the hole
-    0.13/0.07/0.09 → 0.31/0.22/0.30, attention mass 0.19 → 0.47/0.45/0.46, colour accuracy +0.13/+0.13/+0.16 (32
-    scenes). The margins below are about half of that, so the test fails when training stops teaching the prompt,
-    not on float noise. About 2 minutes (1 on a warm cache)."""
+    sampling seed; and the same 150 steps without ATAL, whose attention mass shows that ATAL, not L_diff, moves it.
+    Measured on the 2-core CPU, seeds 0/1/2 (training and sampling): prompt-colour fraction of the hole
+    0.13/0.07/0.09 → 0.31/0.22/0.30, attention mass 0.19 → 0.47/0.45/0.46 (0.19 without ATAL, seed 0), colour
+    accuracy +0.13/+0.13/+0.16 (32 scenes). The margins below are about half of that, so the test fails when
+    training stops teaching the prompt, not on float noise. About 2.5 minutes (1.5 on a warm cache)."""
     import torch
 
     from painternet_core.branch import PainterNetBranch
@@ -68,9 +69,14 @@ def test_training_teaches_the_local_prompt_and_atal_moves_attention_into_the_hol
         branch = train_setting([], base_path=base_path, data_dir=data_dir, output_dir=tmp_path / "run", steps=150,
                                learning_rate=1e-3, beta=1e-2, batch_size=8, seed=0)
         trained = evaluate_branch(load_base_model(base_path), branch, samples, seed=0, num_inference_steps=10)
+        no_atal = train_setting(["--no_atal"], base_path=base_path, data_dir=data_dir, output_dir=tmp_path / "ablation",
+                                steps=150, learning_rate=1e-3, beta=1e-2, batch_size=8, seed=0)
+        no_atal_mass = attention_mass(load_base_model(base_path), no_atal, samples, seed=0)
     summary = (f"untrained {untrained.colour_fraction:.3f} / {untrained.colour_accuracy:.3f} / "
                f"{untrained.attention_mass:.3f}, trained {trained.colour_fraction:.3f} / "
-               f"{trained.colour_accuracy:.3f} / {trained.attention_mass:.3f} (colour fraction / accuracy / mass)")
+               f"{trained.colour_accuracy:.3f} / {trained.attention_mass:.3f} (colour fraction / accuracy / mass), "
+               f"trained without ATAL: mass {no_atal_mass:.3f}")
     assert trained.colour_fraction >= untrained.colour_fraction + 0.08, summary
     assert trained.colour_accuracy > untrained.colour_accuracy, summary
     assert trained.attention_mass >= untrained.attention_mass + 0.15, summary
+    assert trained.attention_mass >= no_atal_mass + 0.15, summary

@@ -146,7 +146,8 @@ def test_tiny_sdxl_smoke_with_accumulation_and_checkpointing(tmp_path):
     assert result.global_step == 1 and torch.isfinite(torch.tensor(result.losses[1]["loss"]))
     assert result.base.vae.dtype == torch.float32
     state, config = load_branch(str(result.export_path))
-    assert config.family == "sdxl" and len(config.layout.attention) == sum(k.startswith("attention_control") and k.endswith("weight") for k in state)
+    acp_weights = sum(k.startswith("attention_control") and k.endswith("weight") for k in state)
+    assert config.family == "sdxl" and len(config.layout.attention) == acp_weights
     assert (tmp_path / "validation" / "step-0000001.png").is_file()
 
 

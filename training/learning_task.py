@@ -561,4 +561,5 @@ def evaluate_branch(base: Any, branch: Any, samples: Sequence[TaskSample], *, se
         shape_hits.append(hole_shape_correct(image, sample.mask, sample.segmentation, sample.colour))
         mses.append(preservation_mse(raw[index], sample.image, sample.mask))
     mass = attention_mass(base, branch, samples, seed=seed)
-    return EvalResult(float(np.mean(colour_hits)), float(np.mean(fractions)), float(np.mean(shape_hits)), float(np.mean(mses)), mass, pasted)
+    return EvalResult(float(np.mean(colour_hits)), float(np.mean(fractions)), float(np.mean(shape_hits)),
+                      float(np.mean(mses)), mass, pasted)
