@@ -26,7 +26,10 @@ _CONVERT_HINT = (
     "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\""
 )
 
+# The public BrushNet/PowerPaint layout (TencentARC's BrushNetModel): its 9-channel input conv is
+# ``conv_in_condition`` over [noisy latent, masked-image latent, mask], the same channel order as our ``conv_in``.
 _BRUSHNET_RENAMES = (
+    ("conv_in_condition.", "conv_in."),
     ("brushnet_down_blocks.", "layer_control_down."),
     ("brushnet_mid_block.", "layer_control_mid."),
     ("brushnet_up_blocks.", "layer_control_up."),
@@ -127,6 +130,13 @@ def _brushnet_config(tensors: Mapping[str, torch.Tensor]) -> PainterNetConfig:
     unet["block_out_channels"] = [int(tensors[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
                                   for i in range(_count(keys, "down_blocks."))]
     cross = any(".attentions." in k for k in keys if k.startswith("down_blocks."))
+    # What the weights state is read from them (a fine-tune may differ from the family's stock config); head counts
+    # are not in the weights and stay the family's.
+    to_k = next((k for k in sorted(keys) if k.endswith(".attn2.to_k.weight")), None)
+    if to_k is not None:
+        unet["cross_attention_dim"] = int(tensors[to_k].shape[1])
+    if "add_embedding.linear_1.weight" in tensors:
+        unet["projection_class_embeddings_input_dim"] = int(tensors["add_embedding.linear_1.weight"].shape[1])
     return PainterNetConfig(
         family="sd15" if n_down == 12 else "sdxl", unet=unet, cross_attention=cross, attention_control=False,
         mask_polarity="known", mask_resize="nearest", masked_fill=0.0,

@@ -131,8 +131,10 @@ def test_branch_is_an_additional_model_managed_by_comfyui(tmp_path):
     assert set(patched.model.state_dict()) == set(model.model.state_dict())
 
 
-def test_brushnet_checkpoint_loads_and_runs(tmp_path):
-    """A diffusers BrushNet SD1.5 file: public key layout (brushnet_*_blocks, no attention), no metadata."""
+@pytest.mark.parametrize("source_format", ["brushnet", "powerpaint-ca"])
+def test_brushnet_checkpoint_loads_and_runs(tmp_path, source_format):
+    """A diffusers BrushNet SD1.5 file in TencentARC's public key layout (conv_in_condition, brushnet_*_blocks, no
+    metadata); BrushNet's blocks have no attention, PowerPaint-CA's keep cross-attention."""
     from safetensors.torch import save_file
 
     from diffusers import UNet2DConditionModel
@@ -140,16 +142,24 @@ def test_brushnet_checkpoint_loads_and_runs(tmp_path):
     _, _, model = _tiny("sd15", tmp_path)
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(TINY_SD15_UNET)
-    ref = PainterNetBranch.from_unet(unet, cross_attention=False, attention_control=False)
+    cross = source_format == "powerpaint-ca"
+    ref = PainterNetBranch.from_unet(unet, cross_attention=cross, attention_control=False)
     for p in ref.parameters():
         p.data.normal_(0, 0.05)
-    sd = {k.replace("layer_control_down.", "brushnet_down_blocks.").replace("layer_control_mid.", "brushnet_mid_block.")
-          .replace("layer_control_up.", "brushnet_up_blocks."): v.contiguous() for k, v in ref.state_dict().items()}
-    assert any(k.startswith("brushnet_down_blocks.11.") for k in sd) and not any(".attentions." in k for k in sd)
-    path = str(tmp_path / "brushnet.safetensors")
+    renames = {"conv_in.": "conv_in_condition.", "layer_control_down.": "brushnet_down_blocks.",
+               "layer_control_mid.": "brushnet_mid_block.", "layer_control_up.": "brushnet_up_blocks."}
+    sd = {}
+    for key, value in ref.state_dict().items():
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        sd[renames[prefix] + key[len(prefix):] if prefix else key] = value.contiguous()
+    assert "conv_in_condition.weight" in sd and sd["conv_in_condition.weight"].shape[1] == 9
+    assert any(k.startswith("brushnet_down_blocks.11.") for k in sd)
+    assert any(".attentions." in k for k in sd) == cross
+    path = str(tmp_path / f"{source_format}.safetensors")
     save_file(sd, path)
     state, config = load_branch(path)
-    assert (config.source_format, config.mask_polarity, config.attention_control) == ("brushnet", "known", False)
+    assert (config.source_format, config.mask_polarity, config.attention_control) == (source_format, "known", False)
+    assert config.cross_attention == cross
     painternet = pack_module("nodes.branch").build_branch(state, config, dtype="fp32")
     x, t, ctx, y = _inputs("sd15", 1)
     cond = torch.randn(1, 5, 16, 16)
