@@ -53,14 +53,25 @@ def comfy_model_config(family: str, unet_config: dict[str, Any]) -> Any:
     return model_config
 
 
+def _diffusers_model_config(unet: torch.nn.Module, family: str) -> Any:
+    unet_config = pack_module("nodes.branch").comfy_unet_config(dict(unet.config), in_channels=4)
+    return comfy_model_config(family, unet_config)
+
+
+def comfy_unet_key_map(unet: torch.nn.Module, family: str) -> dict[str, str]:
+    """diffusers key → ComfyUI/original-SD key (``diffusion_model.`` stripped) for the diffusers `unet`."""
+    import comfy.utils
+
+    return comfy.utils.unet_to_diffusers(_diffusers_model_config(unet, family).unet_config)
+
+
 def comfy_model_from_diffusers(unet: torch.nn.Module, family: str) -> Any:
     """A ComfyUI ModelPatcher whose UNet holds exactly the weights of the diffusers `unet`."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.utils
 
-    unet_config = pack_module("nodes.branch").comfy_unet_config(dict(unet.config), in_channels=4)
-    model_config = comfy_model_config(family, unet_config)
+    model_config = _diffusers_model_config(unet, family)
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     key_map = comfy.utils.unet_to_diffusers(model_config.unet_config)

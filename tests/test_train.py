@@ -222,14 +222,6 @@ def test_export_runs_in_comfyui_like_in_the_trainer(sd15_run, tmp_path):
     assert (got - want).abs().max() <= 1e-5
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_ddp_run_keeps_the_lr_schedule_and_saves_every_rank(tmp_path):
     """`torchrun --nproc_per_node 2 training/train.py` (gloo on CPU): the script runs unchanged in data parallel, the
@@ -238,39 +230,45 @@ def test_two_process_ddp_run_keeps_the_lr_schedule_and_saves_every_rank(tmp_path
     out = tmp_path / "ddp"
     log = tmp_path / "ddp.log"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "training" / "train.py"), "--preset", "tiny-sd15",
+    # --standalone: torchrun picks a free port for its own rendezvous (no port race with other jobs).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "training" / "train.py"), "--preset", "tiny-sd15",
            "--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "3",
            "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--learning_rate", "1e-3", *FAST]
     with open(log, "wb") as sink:  # a file, not a pipe: two chatty ranks must never block on a full pipe
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, timeout=600).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:  # the launcher and both ranks, not just the launcher
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     text = log.read_text(errors="replace")
     assert code == 0, text[-4000:]
     assert "MULTI_CPU" in text and "Num processes: 2" in text
     checkpoint = out / "checkpoint-3"
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     scheduler = torch.load(checkpoint / "scheduler.bin", weights_only=True)
-    # Linear warm-up 2, decay to 0 at step 4: after 3 optimizer steps the factor is 0.5 on every process count.
-    assert scheduler["_last_lr"][0] == pytest.approx(0.5e-3)
+    # Linear warm-up 2, decay to 0 at step 4: after 3 optimizer steps the factor is 0.5 on every process count;
+    # the prepared scheduler stepped once per process per optimizer step (3 x 2).
+    assert scheduler["_last_lr"][0] == pytest.approx(0.5e-3) and scheduler["last_epoch"] == 6
     state, config = load_branch(str(out / "painternet.safetensors"))
     assert config.family == "sd15" and all(torch.isfinite(v).all() for v in state.values())
 
 
-def test_single_file_checkpoint_loads_the_same_weights_as_its_diffusers_folder(sd15_run, tmp_path):
+def test_single_file_checkpoint_loads_the_same_weights_as_its_diffusers_folder(sd15_run, tmp_path, monkeypatch):
     """`--pretrained_model_name_or_path model.safetensors --single_file_config FOLDER`: an original-layout SD1.5 file
     (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*, written here with ComfyUI's own key
     maps) loads offline with exactly the folder's weights; without a config the error names the fix."""
     import comfy.diffusers_convert
-    import comfy.utils
     from safetensors.torch import save_file
 
-    from comfy_helpers import comfy_model_config, pack_module
+    from comfy_helpers import comfy_unet_key_map
 
     out, _ = sd15_run
     folder = out / "tiny-base"
     base = load_base_model(folder)
-    unet_config = pack_module("nodes.branch").comfy_unet_config(dict(base.unet.config), in_channels=4)
-    unet_keys = comfy.utils.unet_to_diffusers(comfy_model_config("sd15", unet_config).unet_config)
+    unet_keys = comfy_unet_key_map(base.unet, "sd15")
     vae = comfy.diffusers_convert.convert_vae_state_dict(base.vae.state_dict())
     state = {f"model.diffusion_model.{unet_keys[k]}": v for k, v in base.unet.state_dict().items()}
     state |= {f"first_stage_model.{k}": v for k, v in vae.items()}
@@ -284,6 +282,10 @@ def test_single_file_checkpoint_loads_the_same_weights_as_its_diffusers_folder(s
         want, got = getattr(base, part).state_dict(), getattr(loaded, part).state_dict()
         assert set(want) == set(got), part
         assert all(torch.equal(want[k], got[k].reshape(want[k].shape)) for k in want), part
+    import huggingface_hub.constants
+
+    # An empty Hugging Face cache, as on a fresh machine: a cached SD1.5 config must not change the outcome.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     with pytest.raises(ValueError, match="--single_file_config"):
         load_base_model(single)
     pickled = tmp_path / "tiny-sd15.ckpt"
