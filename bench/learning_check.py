@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> None:
           f"{' '.join(map(str, args.seeds))}; eval DDIM 20 steps, CFG 5")
     print(f"wall time: {wall:.0f} s (base preparation {prepared:.0f} s)")
     print()
-    header = (f"{'setting':<28} {'colour acc':>17} {'colour frac':>17} {'shape acc':>17} {'preserv. MSE':>17} "
-              f"{'attn mass in hole':>19}")
+    header = f"{'setting':<28} " + " ".join(f"{name:>19}" for name in (
+        "colour acc", "colour frac", "shape acc", "preserv. MSE", "attn mass in hole"))
     print("mean over seeds (min-max)")
     print(header)
     for name, per_seed in results.items():
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
                            ("shape_accuracy", "{:.2f}"), ("preservation_mse", "{:.3f}"), ("attention_mass", "{:.3f}")):
             values = [getattr(r, field) for r in per_seed.values()]
             cells.append(f"{fmt.format(np.mean(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})")
-        print(f"{name:<28} " + " ".join(f"{cell:>17}" for cell in cells[:4]) + f" {cells[4]:>19}")
+        print(f"{name:<28} " + " ".join(f"{cell:>19}" for cell in cells))
     print()
     print("per seed: colour acc / attention mass")
     print(f"{'setting':<28} " + " ".join(f"{'seed ' + str(s):>14}" for s in args.seeds))
