@@ -649,3 +649,100 @@ def test_benchmark_from_painterdata_shards(tmp_path: Path) -> None:
     assert item.global_prompt == "two colours" and item.image_suffix == ".png"
     np.testing.assert_array_equal(item.segmentation, coloured_sample()[1][index])
     assert not list(bench_manifest.read_painterdata_shards([tmp_path / "painterdata"], seed=0, min_area=0.9))
+
+
+@pytest.fixture(scope="module")
+def branch_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD1.5 diffusers base and a PainterNet branch file of it whose control points are non-zero (a
+    zero-initialised branch would leave the base alone and hide a branch that is not used)."""
+    from painternet_core.branch import PainterNetBranch
+    from painternet_core.checkpoint import save_branch
+    from training.step import load_base_model
+    from training.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("branch-generator")
+    save_tiny_pipeline(root / "base", "sd15", seed=0)
+    branch = PainterNetBranch.from_unet(load_base_model(root / "base").unet)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in branch.named_parameters():
+            if name.startswith(("layer_control", "attention_control")):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    save_branch(str(root / "branch.safetensors"), branch.state_dict(), branch.config)
+    return root
+
+
+def test_branch_generator_runs_the_reference_pipeline_and_keeps_the_source_outside_the_hole(
+        branch_files: Path, tmp_path: Path) -> None:
+    from training.step import inpaint
+
+    generator = evaluate.BranchGenerator(branch_files / "branch.safetensors", branch_files / "base", steps=2, seed=3,
+                                         save_dir=tmp_path / "generated")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    noise_image(7, 64, 64).save(tmp_path / "img.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    item = evaluate.BenchItem("a", tmp_path / "img.png", tmp_path / "mask.png", "a red car", "a street", "box")
+    out = np.asarray(generator.generate(item))
+    source = np.asarray(item.load_image())
+    hole = mask > 127
+    assert np.array_equal(out[~hole], source[~hole]) and not np.array_equal(out[hole], source[hole])
+    # The hole is the reference loop's raw decode for the local prompt, at the item's seed and step count.
+    image = torch.from_numpy(source.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        raw = inpaint(generator.base, generator.branch, image, torch.from_numpy(hole.astype(np.float32))[None, None],
+                      "a red car", config=generator.branch.config, seed=3, num_inference_steps=2,
+                      guidance_scale=7.5, paste_back=False)
+    want = (raw[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(out[hole], want[hole])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "generated" / "a.png")), out)
+    assert np.array_equal(np.asarray(generator.generate(item)), out)  # seeded: the same image every time
+    global_prompt = evaluate.BranchGenerator(branch_files / "branch.safetensors", branch_files / "base", steps=2,
+                                             seed=3, prompt="global")
+    assert not np.array_equal(np.asarray(global_prompt.generate(item))[hole], out[hole])
+
+    # Any size: generated at the nearest multiple of 64 (SD1.5), returned at the item's size.
+    noise_image(8, 50, 37).save(tmp_path / "odd.png")
+    odd_mask = np.zeros((37, 50), np.uint8)
+    odd_mask[5:30, 10:45] = 255
+    Image.fromarray(odd_mask).save(tmp_path / "odd_mask.png")
+    odd = evaluate.BenchItem("odd", tmp_path / "odd.png", tmp_path / "odd_mask.png", "a red car")
+    assert generator.working_size(50, 37) == (64, 64) and generator.working_size(100, 170) == (128, 192)
+    result = np.asarray(generator.generate(odd))
+    assert result.shape == (37, 50, 3)
+    assert np.array_equal(result[odd_mask == 0], np.asarray(odd.load_image())[odd_mask == 0])
+
+
+def test_branch_generator_refuses_a_branch_of_another_family(branch_files: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from painternet_core.branch import PainterNetBranch
+    from painternet_core.checkpoint import save_branch
+    from painternet_core.config import TINY_SDXL_UNET
+
+    sdxl = PainterNetBranch.from_unet(UNet2DConditionModel.from_config(TINY_SDXL_UNET))
+    save_branch(str(tmp_path / "sdxl.safetensors"), sdxl.state_dict(), sdxl.config)
+    with pytest.raises(ValueError, match="sdxl branch but the base .* is sd15"):
+        evaluate.BranchGenerator(tmp_path / "sdxl.safetensors", branch_files / "base")
+    with pytest.raises(ValueError, match="prompt='caption'"):
+        evaluate.BranchGenerator(branch_files / "branch.safetensors", branch_files / "base", prompt="caption")
+
+
+def test_evaluate_cli_generates_with_a_branch(branch_files: Path, tmp_path: Path) -> None:
+    items = bench_manifest.read_source_manifest(make_source(tmp_path, 2))
+    bench_manifest.build_benchmark(items, tmp_path / "bench", seed=0)
+    out, generated = tmp_path / "eval", tmp_path / "generated"
+    assert evaluate.main(["--manifest", str(tmp_path / "bench"), "--branch", str(branch_files / "branch.safetensors"),
+                          "--base", str(branch_files / "base"), "--steps", "1", "--save-generated", str(generated),
+                          "--out-dir", str(out), "--no-progress"]) == 0
+    with (out / "per_image.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    ids = [item.id for item in evaluate.read_manifest(tmp_path / "bench")]
+    assert [row["id"] for row in rows] == ids
+    assert all(float(row["mse"]) == 0.0 and float(row["psnr"]) == 100.0 for row in rows)  # source kept exactly
+    assert sorted(path.stem for path in generated.glob("*.png")) == sorted(ids)
+    for argv in (["--generated", str(generated), "--branch", str(branch_files / "branch.safetensors"),
+                  "--base", str(branch_files / "base")],
+                 ["--branch", str(branch_files / "branch.safetensors")]):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--manifest", str(tmp_path / "bench"), "--out-dir", str(out), *argv])

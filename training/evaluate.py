@@ -2,8 +2,8 @@
 
 Inputs: a benchmark (a folder holding ``manifest.jsonl``/``manifest.csv`` as written by ``training/bench_manifest.py``,
 or such a manifest file) of items (id, image, mask, local prompt, global prompt), and a :class:`Generator` that gives
-the inpainted image of an item — here a folder of already generated images matched by id or source file name; a
-generator that runs a PainterNet branch plugs in through the same one-method protocol.
+the inpainted image of an item — a folder of already generated images matched by id or source file name, or a
+PainterNet branch + base model run now through the reference pipeline (:class:`BranchGenerator`).
 
 Outputs in ``--out-dir``: ``per_image.csv`` (one row per item), ``summary.csv`` and ``summary.md`` (means overall and
 per mask kind). A metric whose model flag is not given is not computed and its column is absent; a metric that is
@@ -14,6 +14,8 @@ Usage::
     python training/evaluate.py --manifest bench/ --generated outputs/ --out-dir eval/ \\
         --clip models/clip-vit-large-patch14 --aesthetic-head models/sac+logos+ava1-l14-linearMSE.pth \\
         --gdino models/grounding-dino-base --device cuda
+    python training/evaluate.py --manifest bench/ --branch out/painternet.safetensors --base ./sd15 \
+        --save-generated eval/generated --out-dir eval/ --clip models/clip-vit-large-patch14 --device cuda
     python training/evaluate.py --merge eval/per_image.csv eval_ir/per_image.csv --out-dir eval_all/
 """
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "read_manifest",
     "Generator",
     "FolderGenerator",
+    "BranchGenerator",
     "MetricSuite",
     "METRIC_COLUMNS",
     "ITEM_COLUMNS",
@@ -198,7 +201,8 @@ class Generator(Protocol):
     """Gives the inpainted image of a benchmark item.
 
     Why a protocol: the evaluator does not care whether images were generated earlier (:class:`FolderGenerator`) or
-    are produced now by a PainterNet branch through the reference pipeline; either implements this one method.
+    are produced now by a PainterNet branch through the reference pipeline (:class:`BranchGenerator`); either
+    implements this one method.
     """
 
     def generate(self, item: BenchItem) -> Image.Image: ...
@@ -230,6 +234,87 @@ class FolderGenerator:
     def generate(self, item: BenchItem) -> Image.Image:
         with Image.open(self.find(item)) as image:
             return image.convert("RGB")
+
+
+class BranchGenerator:
+    """Inpaints every item now: a PainterNet branch file on its base model through the reference DDIM + CFG loop
+    (``training.step.inpaint``, the forward the parity tests tie to the ComfyUI nodes).
+
+    The text input is the item's local prompt by default (PainterNet conditions the hole on the local prompt, paper
+    §3.1; ``prompt="global"`` for BrushNet-style global captions). Why resize instead of crop: an item of any size is
+    resized to the nearest size the UNet accepts (a multiple of 8 × 2^(levels-1) pixels: 64 for SD1.5, 32 for SDXL),
+    generated, resized back, and the kept region is pasted from the source at full resolution, as a ComfyUI
+    composite would; the pixel metrics then see exactly the source outside the hole.
+    """
+
+    def __init__(self, branch_path: str | Path, base_path: str | Path, *, single_file_config: str | None = None,
+                 device: str = "cpu", dtype: str = "fp32", steps: int = 50, guidance_scale: float = 7.5,
+                 scale: float = 1.0, seed: int = 0, prompt: str = "local", save_dir: str | Path | None = None):
+        import torch
+
+        from painternet_core.branch import PainterNetBranch
+        from painternet_core.checkpoint import load_branch
+        from training.step import load_base_model
+
+        if prompt not in ("local", "global"):
+            raise ValueError(f"prompt={prompt!r}: use 'local' (PainterNet) or 'global'")
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be >= 1")
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if dtype not in dtypes:
+            raise ValueError(f"dtype={dtype!r}: use one of {sorted(dtypes)}")
+        self.base = load_base_model(base_path, single_file_config)
+        state, config = load_branch(str(branch_path))
+        if config.family != self.base.family:
+            raise ValueError(f"branch {str(branch_path)!r} is a {config.family} branch but the base "
+                             f"{str(base_path)!r} is {self.base.family}; pass a base of the branch's family")
+        self.branch = PainterNetBranch(config)
+        self.branch.load_state_dict(state, strict=True)
+        self.dtype = dtypes[dtype]
+        self.device = torch.device(device)
+        self.branch.to(self.device, self.dtype).eval()
+        for module in self.base.frozen_modules():
+            module.to(self.device, self.dtype).eval()
+        if self.base.family == "sdxl" or getattr(self.base.vae.config, "force_upcast", False):
+            self.base.vae.to(dtype=torch.float32)
+        self.multiple = 8 * 2 ** (len(config.unet["block_out_channels"]) - 1)
+        self.steps, self.guidance_scale, self.scale, self.seed = steps, guidance_scale, scale, seed
+        self.prompt = prompt
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        if self.save_dir is not None:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) rounded to the nearest multiple the UNet accepts (at least one multiple)."""
+        return tuple(max(self.multiple, round(side / self.multiple) * self.multiple)  # type: ignore[return-value]
+                     for side in (width, height))
+
+    def generate(self, item: BenchItem) -> Image.Image:
+        import torch
+
+        from training.step import inpaint
+
+        source = item.load_image()
+        mask = item.load_mask()
+        size = self.working_size(*source.size)
+        work = source.resize(size, Image.LANCZOS) if size != source.size else source
+        work_mask = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).resize(size, Image.NEAREST)) > 127
+        image = torch.from_numpy(np.asarray(work, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        hole = torch.from_numpy(work_mask.astype(np.float32))[None, None]
+        text = item.local_prompt if self.prompt == "local" else item.clip_prompt
+        with torch.no_grad():
+            out = inpaint(self.base, self.branch, image.to(self.device), hole.to(self.device), text,
+                          config=self.branch.config, seed=self.seed, num_inference_steps=self.steps,
+                          guidance_scale=self.guidance_scale, scale=self.scale, weight_dtype=self.dtype,
+                          paste_back=False)
+        generated = Image.fromarray((out[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+        if generated.size != source.size:
+            generated = generated.resize(source.size, Image.LANCZOS)
+        result = np.where(mask[:, :, None] > 0.5, np.asarray(generated), np.asarray(source))
+        image_out = Image.fromarray(result.astype(np.uint8))
+        if self.save_dir is not None:
+            image_out.save(self.save_dir / f"{item.id}.png")
+        return image_out
 
 
 @dataclass
@@ -439,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("inputs")
     source.add_argument("--manifest", help="benchmark folder (with manifest.jsonl/.csv) or manifest file")
     source.add_argument("--generated", help="folder of generated images named <id>.<ext> or like the source image")
+    source.add_argument("--branch", help="instead of --generated: inpaint now with this PainterNet .safetensors")
+    source.add_argument("--base", help="with --branch: the base model (diffusers folder or single-file .safetensors)")
     source.add_argument("--merge", nargs="+", metavar="CSV",
                         help="instead of evaluating, join these per_image.csv files by id and summarise them")
     source.add_argument("--out-dir", required=True, help="writes per_image.csv, summary.csv, summary.md here")
@@ -458,6 +545,16 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--lpips-net", default="alex", choices=("alex", "vgg", "squeeze"))
     models.add_argument("--psnr-cap", type=float, default=PSNR_CAP_DB, help="PSNR reported for identical regions")
     models.add_argument("--no-pixel-metrics", action="store_true", help="skip PSNR/MSE (e.g. in the ImageReward env)")
+    gen = parser.add_argument_group("generation (with --branch; reference DDIM + CFG loop)")
+    gen.add_argument("--single-file-config", help="local diffusers folder giving a single-file base its configs")
+    gen.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--scale", type=float, default=1.0, help="branch strength (the node's `scale`)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--gen-prompt", choices=("local", "global"), default="local",
+                     help="text input of the generation: the item's local prompt (PainterNet) or global one")
+    gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="generation weights dtype")
+    gen.add_argument("--save-generated", help="also write the generated images here as <id>.png")
     parser.add_argument("--device", default="cpu", help="torch device for the models, e.g. cuda or cuda:1")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return parser
@@ -475,15 +572,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(error))
         print(markdown, end="")
         return 0
-    if not args.manifest or not args.generated:
-        parser.error("--manifest and --generated are required (or use --merge)")
+    if not args.manifest or bool(args.generated) == bool(args.branch):
+        parser.error("--manifest and exactly one of --generated or --branch are required (or use --merge)")
+    if bool(args.branch) != bool(args.base):
+        parser.error("--branch and --base go together: pass the branch file and its base model")
     if bool(args.image_reward) != bool(args.image_reward_med_config):
         parser.error("--image-reward and --image-reward-med-config go together: pass both local files")
     if args.aesthetic_head and not (args.aesthetic_clip or args.clip):
         parser.error("--aesthetic-head needs CLIP ViT-L/14: pass --aesthetic-clip (or --clip)")
     try:
         items = read_manifest(args.manifest)
-        generator = FolderGenerator(args.generated)
+        generator: Generator
+        if args.branch:
+            generator = BranchGenerator(args.branch, args.base, single_file_config=args.single_file_config,
+                                        device=args.device, dtype=args.dtype, steps=args.steps,
+                                        guidance_scale=args.guidance_scale, scale=args.scale, seed=args.seed,
+                                        prompt=args.gen_prompt, save_dir=args.save_generated)
+        else:
+            generator = FolderGenerator(args.generated)
         clip = ClipScorer(args.clip, args.device) if args.clip else None
         aesthetic = None
         if args.aesthetic_head:
