@@ -54,7 +54,7 @@ def comfy_model_config(family: str, unet_config: dict[str, Any]) -> Any:
 
 
 def _diffusers_model_config(unet: torch.nn.Module, family: str) -> Any:
-    unet_config = pack_module("nodes.branch").comfy_unet_config(dict(unet.config), in_channels=4)
+    unet_config = pack_module("nodes.branch").comfy_unet_config(dict(unet.config), in_channels=unet.config.in_channels)
     return comfy_model_config(family, unet_config)
 
 

@@ -115,6 +115,71 @@ def test_two_applies_sum_and_base_is_untouched(family, tmp_path):
     assert model.get_additional_models() == []
 
 
+def test_nine_channel_inpaint_base_feeds_the_branch_the_noisy_latent(tmp_path):
+    """An SD1.5 *inpainting* checkpoint (9 input channels: latent, mask, masked latent) takes the branch too: the
+    branch sees the first 4 channels, the residuals go into the inpainting UNet, as in the diffusers reference."""
+    from diffusers import UNet2DConditionModel
+
+    from painternet_core.branch import injected
+
+    unet4, _, _ = _tiny("sd15", tmp_path)
+    torch.manual_seed(3)
+    unet9 = UNet2DConditionModel.from_config({**TINY_SD15_UNET, "in_channels": 9}).eval()
+    branch = PainterNetBranch.from_unet(unet4).eval()
+    for p in list(unet9.parameters()) + list(branch.parameters()):
+        p.data.normal_(0, 0.05)
+    path = str(tmp_path / "for-inpaint-base.safetensors")
+    save_branch(path, branch.state_dict(), branch.config)
+    painternet = pack_module("nodes.branch").build_branch(*load_branch(path), dtype="fp32")
+    model9 = comfy_model_from_diffusers(unet9, "sd15")
+    g = torch.Generator().manual_seed(4)
+    x9 = torch.randn(1, 9, 16, 16, generator=g)
+    cond = torch.randn(1, 5, 16, 16, generator=g)
+    _, t, ctx, _ = _inputs("sd15", 1)
+    with torch.no_grad():
+        residuals = branch(x9[:, :4], t, ctx, cond)
+        with injected(unet9, residuals, 1.0):
+            want = unet9(x9, t, encoder_hidden_states=ctx).sample
+        plain = unet9(x9, t, encoder_hidden_states=ctx).sample
+    got = _run(_apply(model9, painternet, cond), x9, t, ctx, None, [0])
+    assert (got - want).abs().max() <= 1e-5
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_apply_latent_keeps_the_unmasked_area_through_a_plain_sampler(tmp_path):
+    """PainterNetApply's LATENT carries the mask as noise_mask: ComfyUI's sampler at denoise 1.0 regenerates the hole
+    and leaves the latent outside it as encoded (the workflow needs no extra composite for the latent)."""
+    import comfy.sample
+    import folder_paths
+    import torch.nn.functional as F
+
+    from models import MODELS, branch_file, load_checkpoint, sd15_checkpoint
+
+    model, _, vae = load_checkpoint(sd15_checkpoint())
+    branch_file("sd15", "tiny-sd15-320-branch.safetensors")
+    folder_paths.add_model_folder_path("painternet", MODELS)
+    mappings = load_pack()
+    (painternet,) = mappings["PainterNetLoader"]().load("tiny-sd15-320-branch.safetensors", "fp32")
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 8:40] = 1.0
+    g = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 77, 768, generator=g), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    patched, positive, negative, latent = mappings["PainterNetApply"]().apply(
+        model, vae, image, mask, painternet, positive, negative, 1.0, 0.0, 1.0)
+    assert torch.equal(latent["noise_mask"].reshape(1, 64, 64), mask)
+    samples = latent["samples"]
+    noise = comfy.sample.prepare_noise(samples, 0)
+    out = comfy.sample.sample(patched, noise, 2, 2.0, "euler", "normal", positive, negative, samples,
+                              denoise=1.0, noise_mask=latent["noise_mask"], seed=0).float()
+    keep = (F.interpolate(latent["noise_mask"].reshape(1, 1, 64, 64), size=samples.shape[-2:], mode="bilinear")
+            == 0).expand_as(samples)
+    assert keep.any() and (~keep).any()
+    assert torch.allclose(out[keep], samples.float()[keep], atol=1e-4)
+    assert (out[~keep] - samples.float()[~keep]).abs().max() > 0.1  # the hole was regenerated
+
+
 def test_branch_is_an_additional_model_managed_by_comfyui(tmp_path):
     import comfy.model_management as mm
 
