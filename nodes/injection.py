@@ -37,7 +37,7 @@ class UpsampleHolder(nn.Module):
     def forward(self, x: torch.Tensor, output_shape: Any = None, **kwargs: Any) -> torch.Tensor:
         from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 
-        return Upsample.forward(self, x, output_shape=output_shape)
+        return Upsample.forward(self, x, output_shape=output_shape, **kwargs)
 
 
 class ResidualMarker(nn.Module):

@@ -115,6 +115,27 @@ def test_two_applies_sum_and_base_is_untouched(family, tmp_path):
     assert model.get_additional_models() == []
 
 
+def test_mask_generator_node_between_comfyui_mask_nodes():
+    """PainterNetMaskGenerator as ComfyUI loads it, fed by ComfyUI's own SolidMask/MaskComposite and read by
+    MaskToImage: ComfyUI's MASK layout (B, H, W) in, the same layout out."""
+    from comfy_extras import nodes_mask
+
+    blank = nodes_mask.SolidMask().solid(0.0, 48, 40)[0]
+    segmentation = nodes_mask.MaskComposite().combine(blank, nodes_mask.SolidMask().solid(1.0, 16, 12)[0], 8, 10,
+                                                      "add")[0]
+    node = load_pack()["PainterNetMaskGenerator"]()
+    outputs = {mode: getattr(node, node.FUNCTION)(segmentation, mode, 3)[0]
+               for mode in ("segmentation", "box", "irregular")}
+    assert torch.equal(outputs["segmentation"], segmentation)
+    for mode in ("box", "irregular"):
+        mask = outputs[mode]
+        assert mask.shape == (1, 40, 48) and mask.dtype == torch.float32
+        assert set(mask.unique().tolist()) <= {0.0, 1.0} and (mask >= segmentation).all()
+        assert mask.sum() > segmentation.sum()  # the hole reaches beyond the object
+    image = nodes_mask.MaskToImage().mask_to_image(outputs["box"])[0]
+    assert image.shape == (1, 40, 48, 3) and torch.equal(image[..., 0], outputs["box"])
+
+
 def test_nine_channel_inpaint_base_feeds_the_branch_the_noisy_latent(tmp_path):
     """An SD1.5 *inpainting* checkpoint (9 input channels: latent, mask, masked latent) takes the branch too: the
     branch sees the first 4 channels, the residuals go into the inpainting UNet, as in the diffusers reference."""
