@@ -25,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import conftest  # noqa: E402,F401  (ComfyUI and the pack on sys.path, as in the tests)
+from server_harness import SERVER_ENV  # noqa: E402
 from test_reliability import (  # noqa: E402
     BASELINE_PROMPTS, RSS_MARGIN_BYTES, SoakRecord, run_soak, setup_server, soak_plan, soak_problems)
 
@@ -64,6 +65,7 @@ def main() -> int:
     plan = soak_plan(args.prompts)
     emit(f"soak: {args.prompts} prompts through ComfyUI main.py {'(GPU allowed)' if args.gpu else '--cpu'}; "
          f"reference RSS after prompt {BASELINE_PROMPTS}, margin {RSS_MARGIN_BYTES / MIB:.0f} MiB")
+    emit("server environment: " + " ".join(f"{k}={v}" for k, v in SERVER_ENV.items()) + " (tests/server_harness.py)")
     base = tempfile.mkdtemp(prefix="painternet-soak-")
     server = setup_server(base, cpu=not args.gpu)
     emit(f"server pid {server.process.pid}; RSS after start-up {server_rss_mib(server):.1f} MiB")

@@ -177,40 +177,6 @@ def gpu_memory(server: ComfyServer) -> tuple[int, int] | None:
     return reserved - int(device["torch_vram_free"]), reserved
 
 
-def run_interrupted(server: ComfyServer, prompt: dict[str, Any], node: str = "7",
-                    timeout: float = 600.0) -> dict[str, Any]:
-    """Queue `prompt` and `POST /interrupt` (targeted at it) once node `node` (the KSampler) reports its first
-    sampling step on the server's websocket, i.e. while it really runs; returns the finished history entry."""
-    import asyncio
-    import json
-
-    import aiohttp
-
-    async def queue_and_interrupt() -> str:
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}") as ws:
-                prompt_id = await asyncio.to_thread(server.queue, prompt)
-
-                async def watch() -> None:
-                    async for msg in ws:
-                        if msg.type != aiohttp.WSMsgType.TEXT:
-                            continue
-                        event = json.loads(msg.data)
-                        data = event.get("data") or {}
-                        if data.get("prompt_id") != prompt_id:
-                            continue
-                        if event["type"] == "progress" and data.get("node") == node and data.get("value", 0) >= 1:
-                            await session.post(f"{server.url}/interrupt", json={"prompt_id": prompt_id})
-                            return
-                        if event["type"] in ("execution_error", "execution_success", "execution_interrupted"):
-                            return
-
-                await asyncio.wait_for(watch(), timeout)
-                return prompt_id
-
-    return server.wait(asyncio.run(queue_and_interrupt()), timeout)
-
-
 def interrupted_node(entry: dict[str, Any]) -> str | None:
     """The class of the node ComfyUI was running when the prompt was interrupted (None if it was not)."""
     for kind, data in entry["status"].get("messages", []):
@@ -277,19 +243,57 @@ def soak_plan(n: int) -> list[SoakStep]:
 
 
 def run_soak(server: ComfyServer, n: int,
-             report: Callable[[SoakRecord], None] | None = None) -> list[SoakRecord]:
-    """Run the plan one prompt at a time (queue, wait), sampling the server's RSS after each."""
-    records = []
-    for step in soak_plan(n):
-        start = time.monotonic()
-        entry = run_interrupted(server, step.prompt) if step.interrupt else server.run(step.prompt)
-        seconds = time.monotonic() - start
-        images = len(entry.get("outputs", {}).get("9", {}).get("images", []))
-        record = SoakRecord(step.index, step.label, outcome(entry), seconds, server_rss(server), gpu_memory(server),
-                            images, {"interrupt": step.interrupt, "interrupted_node": interrupted_node(entry)})
-        records.append(record)
-        if report is not None:
-            report(record)
+             report: Callable[[SoakRecord], None] | None = None, node: str = "7") -> list[SoakRecord]:
+    """Queue the whole plan at once, as a user queueing a batch does, and follow ComfyUI's websocket while it works
+    through the queue: `POST /interrupt` (targeted) for the marked prompt once its KSampler (node `node`) reports
+    its first step, and the server's RSS sampled as each prompt finishes (the next one may already be starting)."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    plan = soak_plan(n)
+    records: list[SoakRecord] = []
+
+    async def drive() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}") as ws:
+                ids = [await asyncio.to_thread(server.queue, step.prompt) for step in plan]
+                step_of = dict(zip(ids, plan))
+                started: dict[str, float] = {}
+                interrupted = False
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    event = json.loads(msg.data)
+                    data = event.get("data") or {}
+                    step = step_of.get(data.get("prompt_id"))
+                    if step is None:
+                        continue
+                    prompt_id = ids[step.index]
+                    if event["type"] == "execution_start":
+                        started[prompt_id] = time.monotonic()
+                    elif (event["type"] == "progress" and step.interrupt and not interrupted
+                          and data.get("node") == node and data.get("value", 0) >= 1):
+                        await session.post(f"{server.url}/interrupt", json={"prompt_id": prompt_id})
+                        interrupted = True
+                    elif event["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                        seconds = time.monotonic() - started.get(prompt_id, time.monotonic())
+                        rss, gpu = server_rss(server), await asyncio.to_thread(gpu_memory, server)
+                        entry = await asyncio.to_thread(server.wait, prompt_id)
+                        record = SoakRecord(
+                            step.index, step.label, outcome(entry), seconds, rss, gpu,
+                            len(entry.get("outputs", {}).get("9", {}).get("images", [])),
+                            {"interrupt": step.interrupt, "interrupted_node": interrupted_node(entry)})
+                        records.append(record)
+                        if report is not None:
+                            report(record)
+                        if len(records) == len(plan):
+                            return
+
+    asyncio.run(asyncio.wait_for(drive(), timeout=120.0 * n + 300.0))
+    if [r.index for r in records] != list(range(n)):
+        raise RuntimeError(f"prompts finished out of queue order: {[r.index for r in records]}")
     return records
 
 
