@@ -1,7 +1,7 @@
 """web/painternet.js in a real browser: headless Chromium drives the ComfyUI frontend served by a real server.
 
-The graph LoadImage -> PainterNetBoxMask -> MaskToImage -> SaveImage is loaded as a UI workflow, a box is dragged
-with the mouse on the node's editor canvas, the prompt is queued from the page, and the saved mask must hold the box
+LoadImage and MaskToImage -> SaveImage are loaded as a UI workflow, PainterNetBoxMask is added the way the node
+search adds a node and wired in between, a box is dragged with the mouse on the node's editor canvas, the prompt is queued from the page, and the saved mask must hold the box
 where it was drawn. Needs Debian's `chromium` at /usr/bin/chromium (`apt-get install chromium`); Playwright drives
 it through `executable_path` and never downloads a browser.
 """
@@ -35,8 +35,8 @@ README_SCREENSHOT = REPO / "docs" / "box_mask.png"
 IMAGE_NAME = "painternet_browser_test.png"
 IMAGE_SIZE = (384, 256)  # (width, height): not square, so a swapped axis shows up
 PREFIX = "painternet_box_mask"
-BOX_NODE_ID = 2
 BOX_NODE = "PainterNetBoxMask"
+BOX_POS, BOX_SIZE = [350, 60], [460, 440]
 # The box to drag, in fractions of the editor canvas: (x0, y0) -> (x1, y1).
 DRAG = ((0.2, 0.25), (0.7, 0.8))
 STROKE = ((0.85, 0.15), (0.85, 0.85))
@@ -62,7 +62,8 @@ def _picture(path: str) -> None:
 
 
 def _workflow() -> dict[str, Any]:
-    """UI-format workflow (what the browser saves), with the PainterNet editor node in view."""
+    """UI-format workflow (what the browser saves) around the spot where the test adds the PainterNet editor node:
+    Load Image, and Mask To Image feeding Save Image."""
     def node(node_id: int, kind: str, pos: list[int], size: list[int], inputs: list[dict], outputs: list[dict],
              widgets: list[Any]) -> dict[str, Any]:
         return {"id": node_id, "type": kind, "pos": pos, "size": size, "flags": {}, "order": node_id - 1, "mode": 0,
@@ -73,19 +74,29 @@ def _workflow() -> dict[str, Any]:
         "extra": {"ds": {"scale": 1.0, "offset": [70, 130]}},
         "nodes": [
             node(1, "LoadImage", [20, 60], [300, 360], [],
-                 [{"name": "IMAGE", "type": "IMAGE", "links": [1]}, {"name": "MASK", "type": "MASK", "links": None}],
+                 [{"name": "IMAGE", "type": "IMAGE", "links": None}, {"name": "MASK", "type": "MASK", "links": None}],
                  [IMAGE_NAME, "image"]),
-            node(BOX_NODE_ID, BOX_NODE, [350, 60], [460, 440],
-                 [{"name": "image", "type": "IMAGE", "link": 1}],
-                 [{"name": "mask", "type": "MASK", "links": [2]}],
-                 ['{"version": 1, "shapes": []}', False]),
-            node(3, "MaskToImage", [840, 60], [220, 60], [{"name": "mask", "type": "MASK", "link": 2}],
+            node(3, "MaskToImage", [840, 60], [220, 60], [{"name": "mask", "type": "MASK", "link": None}],
                  [{"name": "IMAGE", "type": "IMAGE", "links": [3]}], []),
             node(4, "SaveImage", [840, 180], [300, 300], [{"name": "images", "type": "IMAGE", "link": 3}], [],
                  [PREFIX]),
         ],
-        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "MASK"], [3, 3, 0, 4, 0, "IMAGE"]],
+        "links": [[3, 3, 0, 4, 0, "IMAGE"]],
     }
+
+
+# Adds the editor node the way the node search does (LiteGraph.createNode + graph.add) and wires it in.
+ADD_BOX_NODE = f"""() => {{
+    const app = {APP};
+    const node = LiteGraph.createNode("{BOX_NODE}");
+    node.pos = {BOX_POS};
+    app.graph.add(node);
+    node.size = {BOX_SIZE};
+    app.graph.getNodeById(1).connect(0, node, 0);
+    node.connect(0, app.graph.getNodeById(3), 0);
+    app.graph.setDirtyCanvas(true, true);
+    return node.id;
+}}"""
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +158,8 @@ def test_drag_a_box_in_the_browser_and_get_it_in_the_saved_mask(browser, server,
               "the frontend to finish start-up", 60)
         page.evaluate(f"async (wf) => {{ await {APP}.loadGraphData(wf, true, true, 'painternet-box-mask'); }}",
                       _workflow())
-        node = f"{APP}.graph.getNodeById({BOX_NODE_ID})"
+        box_id = page.evaluate(ADD_BOX_NODE)
+        node = f"{APP}.graph.getNodeById({box_id})"
         _wait(page, f"{node}?.painternetEditor", "the editor widget on PainterNetBoxMask")
         # Before any run the editor shows the image the Load Image node displays.
         _wait(page, f"{node}.painternetEditor.imageSource === 'upstream'", "the Load Image picture in the editor")
@@ -181,7 +193,7 @@ def test_drag_a_box_in_the_browser_and_get_it_in_the_saved_mask(browser, server,
         stroke = stored["shapes"][1]
         assert stroke["width"] == pytest.approx(0.05) and len(stroke["points"]) >= 2, stroke
         # The drawing is part of the saved workflow, not only of the prompt.
-        saved = page.evaluate(f"{APP}.graph.serialize().nodes.find(n => n.id === {BOX_NODE_ID}).widgets_values[0]")
+        saved = page.evaluate(f"{APP}.graph.serialize().nodes.find(n => n.id === {box_id}).widgets_values[0]")
         assert json.loads(saved) == stored
 
         page.evaluate(f"async () => {{ await {APP}.queuePrompt(0); }}")
