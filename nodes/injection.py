@@ -37,7 +37,9 @@ class UpsampleHolder(nn.Module):
     def forward(self, x: torch.Tensor, output_shape: Any = None, **kwargs: Any) -> torch.Tensor:
         from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 
-        return Upsample.forward(self, x, output_shape=output_shape, **kwargs)
+        # Keywords a newer caller may add are accepted but not passed on: ComfyUI's Upsample.forward takes only
+        # output_shape, and the holder must keep working where the caller grows and Upsample does not.
+        return Upsample.forward(self, x, output_shape=output_shape)
 
 
 class ResidualMarker(nn.Module):
