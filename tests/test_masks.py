@@ -166,14 +166,32 @@ def test_different_seeds_give_different_masks(mode, size):
         assert len(outs) == 8
 
 
-def test_empty_and_full_inputs():
-    rng = np.random.default_rng(1)
-    for shape in [(1, 1), (1, 7), (7, 1), (33, 17), (256, 256)]:
-        empty = np.zeros(shape, np.float32)
-        full = np.ones(shape, np.float32)
-        for mode in masks.MASK_MODES:
-            assert not masks.generate_mask(empty, mode, rng).any(), (mode, shape)
-            assert masks.generate_mask(full, mode, rng).all(), (mode, shape)
+@FAST
+@given(h=st.integers(1, 64), w=st.integers(1, 64), seed=seeds, mode=st.sampled_from(masks.MASK_MODES))
+def test_empty_and_full_inputs(h, w, seed, mode):
+    rng = np.random.default_rng(seed)
+    assert not masks.generate_mask(np.zeros((h, w), np.float32), mode, rng).any()
+    assert masks.generate_mask(np.ones((h, w), np.float32), mode, rng).all()
+
+
+@st.composite
+def objects(draw):
+    """Non-trivial inputs: one filled ellipse covering roughly 1-30 % of an image of 48-160 px per side."""
+    h, w = draw(st.integers(48, 160)), draw(st.integers(48, 160))
+    ry, rx = draw(st.integers(max(2, h // 16), h // 4)), draw(st.integers(max(2, w // 16), w // 4))
+    cy, cx = draw(st.integers(ry, h - ry - 1)), draw(st.integers(rx, w - rx - 1))
+    seg = np.zeros((h, w), np.uint8)
+    cv2.ellipse(seg, (cx, cy), (rx, ry), draw(st.integers(0, 179)), 0, 360, 1, -1)
+    return seg.astype(np.float32)
+
+
+@FAST
+@given(seg=objects(), seed=seeds, mode=st.sampled_from(["box", "irregular"]))
+def test_different_seeds_differ_on_non_trivial_inputs(seg, seed, mode):
+    # Two seeds may legitimately agree (a small box's expansion rounds to the same pixels, a small object's
+    # irregular hole draws the same discrete choices: found by hypothesis), so the property is over 8 seeds.
+    outs = {masks.generate_mask(seg, mode, np.random.default_rng(seed + k)).tobytes() for k in range(8)}
+    assert len(outs) >= 2
 
 
 def test_one_by_one_and_odd_sizes():
