@@ -677,7 +677,8 @@ def test_branch_generator_runs_the_reference_pipeline_and_keeps_the_source_outsi
     from training.step import inpaint
 
     generator = evaluate.BranchGenerator(branch_files / "branch.safetensors", branch_files / "base", steps=2, seed=3,
-                                         save_dir=tmp_path / "generated")
+                                         resolution=64, save_dir=tmp_path / "generated")
+    assert generator.prompt == "local"  # "auto" on a PainterNet branch
     mask = np.zeros((64, 64), np.uint8)
     mask[16:48, 8:40] = 255
     noise_image(7, 64, 64).save(tmp_path / "img.png")
@@ -687,7 +688,7 @@ def test_branch_generator_runs_the_reference_pipeline_and_keeps_the_source_outsi
     source = np.asarray(item.load_image())
     hole = mask > 127
     assert np.array_equal(out[~hole], source[~hole]) and not np.array_equal(out[hole], source[hole])
-    # The hole is the reference loop's raw decode for the local prompt, at the item's seed and step count.
+    # The hole is the reference loop's raw decode for the local prompt, at the generator's seed and step count.
     image = torch.from_numpy(source.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     with torch.no_grad():
         raw = inpaint(generator.base, generator.branch, image, torch.from_numpy(hole.astype(np.float32))[None, None],
@@ -698,19 +699,36 @@ def test_branch_generator_runs_the_reference_pipeline_and_keeps_the_source_outsi
     assert np.array_equal(np.asarray(Image.open(tmp_path / "generated" / "a.png")), out)
     assert np.array_equal(np.asarray(generator.generate(item)), out)  # seeded: the same image every time
     global_prompt = evaluate.BranchGenerator(branch_files / "branch.safetensors", branch_files / "base", steps=2,
-                                             seed=3, prompt="global")
+                                             seed=3, prompt="global", resolution=64)
     assert not np.array_equal(np.asarray(global_prompt.generate(item))[hole], out[hole])
 
-    # Any size: generated at the nearest multiple of 64 (SD1.5), returned at the item's size.
-    noise_image(8, 50, 37).save(tmp_path / "odd.png")
-    odd_mask = np.zeros((37, 50), np.uint8)
-    odd_mask[5:30, 10:45] = 255
+    # Any size, thin strokes included: generated at 64x64 (a multiple of 64, about 64² px), returned at the item's
+    # size, and every hole pixel is generated (a stroke thinner than the downscale still covers working pixels).
+    noise_image(8, 150, 111).save(tmp_path / "odd.png")
+    odd_mask = np.zeros((111, 150), np.uint8)
+    odd_mask[5:100:6, 10:140] = 255  # 1-px lines every 6 rows: most fall between the rows a nearest resize keeps
     Image.fromarray(odd_mask).save(tmp_path / "odd_mask.png")
     odd = evaluate.BenchItem("odd", tmp_path / "odd.png", tmp_path / "odd_mask.png", "a red car")
-    assert generator.working_size(50, 37) == (64, 64) and generator.working_size(100, 170) == (128, 192)
     result = np.asarray(generator.generate(odd))
-    assert result.shape == (37, 50, 3)
+    assert result.shape == (111, 150, 3)
     assert np.array_equal(result[odd_mask == 0], np.asarray(odd.load_image())[odd_mask == 0])
+    # Every source hole pixel lies in a working hole pixel (a nearest-pixel downscale drops most of these lines).
+    work = evaluate.working_mask(odd_mask / 255.0, (64, 64))
+    back = np.asarray(Image.fromarray(work.astype(np.uint8)).resize((150, 111), Image.NEAREST))
+    assert (back[odd_mask > 0] == 1).all()
+    nearest = np.asarray(Image.fromarray(odd_mask).resize((64, 64), Image.NEAREST).resize((150, 111), Image.NEAREST))
+    assert (nearest[odd_mask > 0] == 0).any()  # ...which is what makes the coverage rule necessary
+
+
+@pytest.mark.parametrize("size, multiple, resolution, expected", [
+    ((50, 37), 64, 0, (64, 64)),        # the item's own size, at least one multiple
+    ((100, 170), 64, 0, (128, 192)),    # nearest multiples (1.56 -> 2, 2.66 -> 3)
+    ((64, 64), 64, 512, (512, 512)),    # scaled up to the family's training area
+    ((1024, 768), 64, 512, (576, 448)),  # 4:3 at ~512² px: 591 x 443
+    ((1000, 1000), 32, 1024, (1024, 1024)),
+])
+def test_generation_size(size, multiple, resolution, expected) -> None:
+    assert evaluate.generation_size(*size, multiple, resolution) == expected
 
 
 def test_branch_generator_refuses_a_branch_of_another_family(branch_files: Path, tmp_path: Path) -> None:
@@ -724,6 +742,8 @@ def test_branch_generator_refuses_a_branch_of_another_family(branch_files: Path,
     save_branch(str(tmp_path / "sdxl.safetensors"), sdxl.state_dict(), sdxl.config)
     with pytest.raises(ValueError, match="sdxl branch but the base .* is sd15"):
         evaluate.BranchGenerator(tmp_path / "sdxl.safetensors", branch_files / "base")
+    with pytest.raises(ValueError, match="resolution=-1"):
+        evaluate.BranchGenerator(branch_files / "branch.safetensors", branch_files / "base", resolution=-1)
     with pytest.raises(ValueError, match="prompt='caption'"):
         evaluate.BranchGenerator(branch_files / "branch.safetensors", branch_files / "base", prompt="caption")
 
@@ -733,7 +753,8 @@ def test_evaluate_cli_generates_with_a_branch(branch_files: Path, tmp_path: Path
     bench_manifest.build_benchmark(items, tmp_path / "bench", seed=0)
     out, generated = tmp_path / "eval", tmp_path / "generated"
     assert evaluate.main(["--manifest", str(tmp_path / "bench"), "--branch", str(branch_files / "branch.safetensors"),
-                          "--base", str(branch_files / "base"), "--steps", "1", "--save-generated", str(generated),
+                          "--base", str(branch_files / "base"), "--steps", "1", "--resolution", "64",
+                          "--save-generated", str(generated),
                           "--out-dir", str(out), "--no-progress"]) == 0
     with (out / "per_image.csv").open() as handle:
         rows = list(csv.DictReader(handle))

@@ -244,9 +244,13 @@ def soak_plan(n: int) -> list[SoakStep]:
 
 def run_soak(server: ComfyServer, n: int,
              report: Callable[[SoakRecord], None] | None = None, node: str = "7") -> list[SoakRecord]:
-    """Queue the whole plan at once, as a user queueing a batch does, and follow ComfyUI's websocket while it works
-    through the queue: `POST /interrupt` (targeted) for the marked prompt once its KSampler (node `node`) reports
-    its first step, and the server's RSS sampled as each prompt finishes (the next one may already be starting)."""
+    """Queue the plan as a user queueing a batch does and follow ComfyUI's websocket while the queue drains:
+    `POST /interrupt` (targeted) for the marked prompt once its KSampler (node `node`) reports its first step, the
+    server's RSS sampled as each prompt finishes, seconds from the server's own event timestamps.
+
+    Two batches: the first `BASELINE_PROMPTS`, then (once they are done and the server is idle, so the reference
+    RSS is not inflated by a prompt in flight) all the rest at once. Events can arrive before the POST that queued
+    their prompt returns; they wait in `pending` until the id is known, so none is lost or reordered."""
     import asyncio
     import json
 
@@ -256,30 +260,28 @@ def run_soak(server: ComfyServer, n: int,
     records: list[SoakRecord] = []
 
     async def drive() -> None:
+        step_of: dict[str, SoakStep] = {}
+        pending: dict[str, list[dict[str, Any]]] = {}
+        started: dict[str, int] = {}
+        lock = asyncio.Lock()
+        interrupted = False
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}") as ws:
-                ids = [await asyncio.to_thread(server.queue, step.prompt) for step in plan]
-                step_of = dict(zip(ids, plan))
-                started: dict[str, float] = {}
-                interrupted = False
-                async for msg in ws:
-                    if msg.type != aiohttp.WSMsgType.TEXT:
-                        continue
-                    event = json.loads(msg.data)
-                    data = event.get("data") or {}
-                    step = step_of.get(data.get("prompt_id"))
-                    if step is None:
-                        continue
-                    prompt_id = ids[step.index]
+
+                async def handle(event: dict[str, Any]) -> None:
+                    nonlocal interrupted
+                    data = event["data"]
+                    prompt_id = data["prompt_id"]
+                    step = step_of[prompt_id]
                     if event["type"] == "execution_start":
-                        started[prompt_id] = time.monotonic()
+                        started[prompt_id] = data["timestamp"]
                     elif (event["type"] == "progress" and step.interrupt and not interrupted
                           and data.get("node") == node and data.get("value", 0) >= 1):
                         await session.post(f"{server.url}/interrupt", json={"prompt_id": prompt_id})
                         interrupted = True
                     elif event["type"] in ("execution_success", "execution_error", "execution_interrupted"):
-                        seconds = time.monotonic() - started.get(prompt_id, time.monotonic())
                         rss, gpu = server_rss(server), await asyncio.to_thread(gpu_memory, server)
+                        seconds = (data["timestamp"] - started.get(prompt_id, data["timestamp"])) / 1000
                         entry = await asyncio.to_thread(server.wait, prompt_id)
                         record = SoakRecord(
                             step.index, step.label, outcome(entry), seconds, rss, gpu,
@@ -288,8 +290,40 @@ def run_soak(server: ComfyServer, n: int,
                         records.append(record)
                         if report is not None:
                             report(record)
-                        if len(records) == len(plan):
-                            return
+                        if step.index == BASELINE_PROMPTS - 1:
+                            tasks.append(asyncio.get_running_loop().create_task(queue(plan[BASELINE_PROMPTS:])))
+
+                async def queue(steps: list[SoakStep]) -> None:
+                    try:
+                        for step in steps:
+                            prompt_id = await asyncio.to_thread(server.queue, step.prompt)
+                            async with lock:
+                                step_of[prompt_id] = step
+                                for event in pending.pop(prompt_id, []):
+                                    await handle(event)
+                    except BaseException:
+                        await ws.close()  # ends the reader below, which then re-raises this
+                        raise
+
+                tasks = [asyncio.get_running_loop().create_task(queue(plan[:BASELINE_PROMPTS]))]
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    event = json.loads(msg.data)
+                    prompt_id = (event.get("data") or {}).get("prompt_id")
+                    if prompt_id is None:
+                        continue
+                    async with lock:
+                        if prompt_id in step_of:
+                            await handle(event)
+                        else:
+                            pending.setdefault(prompt_id, []).append(event)
+                    if len(records) == len(plan):
+                        return
+                for task in tasks:
+                    if task.done() and not task.cancelled() and task.exception() is not None:
+                        raise task.exception()
+                raise RuntimeError(f"the websocket closed after {len(records)} of {len(plan)} prompts")
 
     asyncio.run(asyncio.wait_for(drive(), timeout=120.0 * n + 300.0))
     if [r.index for r in records] != list(range(n)):

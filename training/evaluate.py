@@ -57,6 +57,8 @@ __all__ = [
     "Generator",
     "FolderGenerator",
     "BranchGenerator",
+    "generation_size",
+    "working_mask",
     "MetricSuite",
     "METRIC_COLUMNS",
     "ITEM_COLUMNS",
@@ -236,30 +238,55 @@ class FolderGenerator:
             return image.convert("RGB")
 
 
+#: Generation resolution by family (pixels per side of a square of the same area): what each base was trained at.
+DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+
+
+def generation_size(width: int, height: int, multiple: int, resolution: int = 0) -> tuple[int, int]:
+    """The (width, height) a base generates an item of ``width`` × ``height`` at: scaled to the area of a
+    ``resolution``² square keeping the aspect ratio (``resolution=0``: the item's own size), then rounded to the
+    nearest multiple the UNet accepts, at least one multiple per side."""
+    if resolution:
+        scale = resolution / math.sqrt(width * height)
+        width, height = width * scale, height * scale
+    return max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple)
+
+
+def working_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``mask`` (H, W) in {0, 1} at ``size`` (width, height): a working pixel is hole when any part of it is, so a
+    stroke thinner than the downscale still covers working pixels and the whole hole gets generated."""
+    coverage = Image.fromarray((mask > 0.5).astype(np.uint8) * 255).resize(size, Image.BOX)
+    return (np.asarray(coverage) > 0).astype(np.float32)
+
+
 class BranchGenerator:
     """Inpaints every item now: a PainterNet branch file on its base model through the reference DDIM + CFG loop
     (``training.step.inpaint``, the forward the parity tests tie to the ComfyUI nodes).
 
-    The text input is the item's local prompt by default (PainterNet conditions the hole on the local prompt, paper
-    §3.1; ``prompt="global"`` for BrushNet-style global captions). Why resize instead of crop: an item of any size is
-    resized to the nearest size the UNet accepts (a multiple of 8 × 2^(levels-1) pixels: 64 for SD1.5, 32 for SDXL),
-    generated, resized back, and the kept region is pasted from the source at full resolution, as a ComfyUI
-    composite would; the pixel metrics then see exactly the source outside the hole.
+    Text input (``prompt="auto"``): the item's local prompt for PainterNet branches (the hole is conditioned on it,
+    paper §3.1), its global prompt for BrushNet / PowerPaint files, which were trained on whole-image captions.
+    Size: the item is resized to about ``resolution``² pixels (default: the family's training size; 0 keeps the
+    item's size) at a multiple the UNet accepts (8 × 2^(levels-1): 64 for SD1.5, 32 for SDXL), generated, resized
+    back, and the kept region is pasted from the source at full resolution, as a ComfyUI composite would, so the
+    pixel metrics see exactly the source outside the hole (:func:`working_mask` keeps thin strokes in the hole).
     """
 
     def __init__(self, branch_path: str | Path, base_path: str | Path, *, single_file_config: str | None = None,
                  device: str = "cpu", dtype: str = "fp32", steps: int = 50, guidance_scale: float = 7.5,
-                 scale: float = 1.0, seed: int = 0, prompt: str = "local", save_dir: str | Path | None = None):
+                 scale: float = 1.0, seed: int = 0, prompt: str = "auto", resolution: int | None = None,
+                 save_dir: str | Path | None = None):
         import torch
 
         from painternet_core.branch import PainterNetBranch
         from painternet_core.checkpoint import load_branch
         from training.step import load_base_model
 
-        if prompt not in ("local", "global"):
-            raise ValueError(f"prompt={prompt!r}: use 'local' (PainterNet) or 'global'")
+        if prompt not in ("auto", "local", "global"):
+            raise ValueError(f"prompt={prompt!r}: use 'auto', 'local' (PainterNet) or 'global' (BrushNet-style)")
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
+        if resolution is not None and resolution < 0:
+            raise ValueError(f"resolution={resolution} must be >= 0 (0 keeps each item's size)")
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
         if dtype not in dtypes:
             raise ValueError(f"dtype={dtype!r}: use one of {sorted(dtypes)}")
@@ -278,16 +305,12 @@ class BranchGenerator:
         if self.base.family == "sdxl" or getattr(self.base.vae.config, "force_upcast", False):
             self.base.vae.to(dtype=torch.float32)
         self.multiple = 8 * 2 ** (len(config.unet["block_out_channels"]) - 1)
+        self.resolution = DEFAULT_RESOLUTION[config.family] if resolution is None else resolution
         self.steps, self.guidance_scale, self.scale, self.seed = steps, guidance_scale, scale, seed
-        self.prompt = prompt
+        self.prompt = prompt if prompt != "auto" else ("local" if config.source_format == "painternet" else "global")
         self.save_dir = Path(save_dir) if save_dir is not None else None
         if self.save_dir is not None:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-
-    def working_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) rounded to the nearest multiple the UNet accepts (at least one multiple)."""
-        return tuple(max(self.multiple, round(side / self.multiple) * self.multiple)  # type: ignore[return-value]
-                     for side in (width, height))
 
     def generate(self, item: BenchItem) -> Image.Image:
         import torch
@@ -296,11 +319,12 @@ class BranchGenerator:
 
         source = item.load_image()
         mask = item.load_mask()
-        size = self.working_size(*source.size)
+        if not mask.any():
+            raise ValueError(f"item {item.id!r}: mask {item.mask_path} is empty; every item needs a region to generate")
+        size = generation_size(*source.size, self.multiple, self.resolution)
         work = source.resize(size, Image.LANCZOS) if size != source.size else source
-        work_mask = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).resize(size, Image.NEAREST)) > 127
         image = torch.from_numpy(np.asarray(work, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        hole = torch.from_numpy(work_mask.astype(np.float32))[None, None]
+        hole = torch.from_numpy(working_mask(mask, size))[None, None]
         text = item.local_prompt if self.prompt == "local" else item.clip_prompt
         with torch.no_grad():
             out = inpaint(self.base, self.branch, image.to(self.device), hole.to(self.device), text,
@@ -551,8 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=7.5)
     gen.add_argument("--scale", type=float, default=1.0, help="branch strength (the node's `scale`)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--gen-prompt", choices=("local", "global"), default="local",
-                     help="text input of the generation: the item's local prompt (PainterNet) or global one")
+    gen.add_argument("--gen-prompt", choices=("auto", "local", "global"), default="auto",
+                     help="text input of the generation: local prompt (auto for PainterNet branches) or global "
+                          "prompt (auto for BrushNet/PowerPaint files)")
+    gen.add_argument("--resolution", type=int, default=None,
+                     help="generate at about RESOLUTION² pixels, aspect kept (default 512 SD1.5, 1024 SDXL; 0 = "
+                          "each item's own size)")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="generation weights dtype")
     gen.add_argument("--save-generated", help="also write the generated images here as <id>.png")
     parser.add_argument("--device", default="cpu", help="torch device for the models, e.g. cuda or cuda:1")
@@ -587,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             generator = BranchGenerator(args.branch, args.base, single_file_config=args.single_file_config,
                                         device=args.device, dtype=args.dtype, steps=args.steps,
                                         guidance_scale=args.guidance_scale, scale=args.scale, seed=args.seed,
-                                        prompt=args.gen_prompt, save_dir=args.save_generated)
+                                        prompt=args.gen_prompt, resolution=args.resolution,
+                                        save_dir=args.save_generated)
         else:
             generator = FolderGenerator(args.generated)
         clip = ClipScorer(args.clip, args.device) if args.clip else None
