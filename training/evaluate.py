@@ -14,7 +14,7 @@ Usage::
     python training/evaluate.py --manifest bench/ --generated outputs/ --out-dir eval/ \\
         --clip models/clip-vit-large-patch14 --aesthetic-head models/sac+logos+ava1-l14-linearMSE.pth \\
         --gdino models/grounding-dino-base --device cuda
-    python training/evaluate.py --manifest bench/ --branch out/painternet.safetensors --base ./sd15 \
+    python training/evaluate.py --manifest bench/ --branch out/painternet.safetensors --base ./sd15 \\
         --save-generated eval/generated --out-dir eval/ --clip models/clip-vit-large-patch14 --device cuda
     python training/evaluate.py --merge eval/per_image.csv eval_ir/per_image.csv --out-dir eval_all/
 """
@@ -300,10 +300,7 @@ class BranchGenerator:
         self.dtype = dtypes[dtype]
         self.device = torch.device(device)
         self.branch.to(self.device, self.dtype).eval()
-        for module in self.base.frozen_modules():
-            module.to(self.device, self.dtype).eval()
-        if self.base.family == "sdxl" or getattr(self.base.vae.config, "force_upcast", False):
-            self.base.vae.to(dtype=torch.float32)
+        self.base.freeze_to(self.device, self.dtype)
         self.multiple = 8 * 2 ** (len(config.unet["block_out_channels"]) - 1)
         self.resolution = DEFAULT_RESOLUTION[config.family] if resolution is None else resolution
         self.steps, self.guidance_scale, self.scale, self.seed = steps, guidance_scale, scale, seed

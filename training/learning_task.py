@@ -43,9 +43,10 @@ Measured (bench/learning_check.py, 2-core CPU, 1 thread; base: 400 UNet pretrain
     0.219, + ACP 0.29 / 0.220, + ACP + ATAL 0.33 / 0.377. So ATAL robustly moves the prompt tokens' attention into
     the hole (+0.26-0.28 of the mass in every seed; without ATAL the mass does not move), and training raises colour
     accuracy in every seed, but by 4 to 8 of 24 scenes: a per-image accuracy moves in coarse steps. The per-pixel
-    prompt-colour fraction of the hole is the steadier signal: on a lighter base (200 pretraining steps on 256 scenes, ~50 s) 150 steps of ACP + ATAL (~45 s) raise it
-    from 0.13/0.07/0.09 to 0.31/0.22/0.30 (seeds 0/1/2, 32 scenes, DDIM 10 steps), which is what the fast CI test
-    (tests/test_learning_task.py) asserts, with the attention mass and the accuracy. β is 1e-2 here, not the
+    prompt-colour fraction of the hole is the steadier signal: on a lighter base (200 pretraining steps on 256
+    scenes, ~50 s) 150 steps of ACP + ATAL (~45 s) raise it from 0.13/0.07/0.09 to 0.31/0.22/0.30 (seeds 0/1/2, 32
+    scenes, DDIM 10 steps), which is what the fast CI test (tests/test_learning_task.py) asserts, with the attention
+    mass and the accuracy. β is 1e-2 here, not the
     paper's 1e-5: L_ATAL sums squared errors over the map's pixels, and the tiny branch's largest maps have 8×8 = 64
     pixels against SD1.5's 64×64 = 4096 (×64 fewer), and the budget is ~1000× shorter than the paper's, so 1e-5
     leaves ATAL without effect here.

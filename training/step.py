@@ -56,6 +56,15 @@ class BaseModel:
         """Every module that must not receive gradients."""
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
 
+    def freeze_to(self, device: Any, dtype: torch.dtype) -> None:
+        """Frozen, eval mode, on ``device`` in ``dtype``; the VAE stays fp32 where it must (SDXL's overflows in fp16
+        into NaNs, bf16 loses detail), as the trainer and the evaluator both need."""
+        for module in self.frozen_modules():
+            module.requires_grad_(False).eval()
+            module.to(device, dtype=dtype)
+        if self.family == "sdxl" or getattr(self.vae.config, "force_upcast", False):
+            self.vae.to(dtype=torch.float32)
+
 
 def _looks_sdxl_single_file(path: Path) -> bool:
     """SDXL single-file checkpoints carry the second text encoder under ``conditioner.embedders.1``."""

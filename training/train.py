@@ -317,11 +317,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     branch.requires_grad_(True)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in base.frozen_modules():
-        module.requires_grad_(False).eval()
-        module.to(accelerator.device, dtype=weight_dtype)
-    if base.family == "sdxl" or getattr(base.vae.config, "force_upcast", False):
-        base.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (NaNs); bf16 loses detail
+    base.freeze_to(accelerator.device, weight_dtype)
 
     recorder = None
     if not args.no_atal:
