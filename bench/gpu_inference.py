@@ -45,6 +45,7 @@ import re
 import statistics
 import sys
 import time
+import traceback
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -87,7 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch CPU threads (default: torch's choice; dry run 1, as tiny ops gain nothing from "
                              "threads and a busy machine makes OpenMP threads wait for each other)")
     parser.add_argument("--log", default=None,
-                        help="log path (default bench/results/gpu_inference-<device>.txt); figures go to .json beside")
+                        help="log path (default <log-dir>/gpu_inference-<device>.txt); figures go to .json beside")
+    parser.add_argument("--log-dir", default=os.path.join(REPO, "bench", "results"),
+                        help="folder of the default log path (default bench/results)")
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.dry_run else 5
@@ -558,14 +561,17 @@ def measure_speed(mm: Any, base: Any, painternet: Any, inputs: dict[str, Any], a
 # ------------------------------------------------------------------------------------------------------------- run
 
 class Log:
-    """Prints and keeps the lines of the log."""
+    """Prints the lines and appends them to the log file as they come, so a run cut short keeps what it measured."""
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path, "w").close()
 
     def __call__(self, line: str = "") -> None:
         print(line, flush=True)
-        self.lines.append(line)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
 
 
 def run_family(mm: Any, family: str, unet: dict[str, Any], size: int, args: argparse.Namespace, log: Log,
@@ -633,6 +639,9 @@ def run_family(mm: Any, family: str, unet: dict[str, Any], size: int, args: argp
             result["speed"] = measure_speed(mm, base, painternet, inputs, args)
             result["speed_dtype"] = name
         result["dtypes"][name] = row
+        log(f"  [{family} {name}] parity {row['parity']['rel_max']:.2e}, low-VRAM {row['lowvram']['rel_max']:.2e}, "
+            f"memory ratio {row['memory']['ratio']:.2f}{', speed measured' if name == args.speed_dtype else ''}; "
+            f"{time.perf_counter() - t0:.0f} s since the family started")
         del patched, painternet
         unload_all(mm)
     bases.clear()
@@ -719,8 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     load_pack()
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = Log()
     device = mm.get_torch_device()
+    path = args.log or os.path.join(args.log_dir, f"gpu_inference-{device_slug(mm, args.dry_run)}.txt")
+    log = Log(path)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     log(f"$ python bench/gpu_inference.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     log(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
@@ -731,27 +741,30 @@ def main(argv: list[str] | None = None) -> int:
         log(f"GPU: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, compute capability {props.major}.{props.minor}")
     log(f"attention backend picked by ComfyUI: {attention.optimized_attention.__name__} (xformers "
         f"{mm.xformers_enabled()}, pytorch attention {mm.pytorch_attention_enabled()}), vram state {mm.vram_state.name}")
-    log(f"{'DRY RUN on CPU with the tests tiny topologies: checks the code path, not GPU numbers' if args.dry_run else 'full-size random weights'}")
+    log("DRY RUN on CPU with the tests' tiny topologies: checks the code path, not GPU numbers" if args.dry_run
+        else "full-size random weights")
     log()
     failures: list[str] = []
     results: dict[str, Any] = {"device": name, "dry_run": args.dry_run, "torch": torch.__version__,
                                "attention": attention.optimized_attention.__name__, "families": {}}
     topologies = family_topologies(args.dry_run)
     t0 = time.perf_counter()
+    json_path = os.path.splitext(path)[0] + ".json"
     for family in args.families:
         size = args.sizes[0] if family == "sd15" else args.sizes[1]
-        results["families"][family] = run_family(mm, family, topologies[family], size, args, log, failures)
+        try:
+            results["families"][family] = run_family(mm, family, topologies[family], size, args, log, failures)
+        except Exception:  # one family's crash (an OOM, a dtype error) must not cost the other's figures
+            log(f"{family} FAILED with an exception:\n{traceback.format_exc()}")
+            failures.append(f"{family}: exception, see the traceback above")
+            unload_all(mm)
+        results["failures"] = failures
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1, sort_keys=True)
     log(f"checks: {'all passed' if not failures else 'FAILED'}")
     for failure in failures:
         log(f"  FAIL {failure}")
     log(f"total wall time {time.perf_counter() - t0:.0f} s")
-    results["failures"] = failures
-    path = args.log or os.path.join(REPO, "bench", "results", f"gpu_inference-{device_slug(mm, args.dry_run)}.txt")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(log.lines) + "\n")
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
     print(f"log written to {path}")
     return 1 if failures else 0
 
