@@ -192,13 +192,16 @@ def model_config(family: str, unet_config: dict[str, Any]) -> Any:
 
 
 def random_base_state_dict(family: str, unet: dict[str, Any], device: Any, seed: int) -> dict[str, Any]:
-    """fp32 UNet weights in ComfyUI naming (the keys of a checkpoint's `model.diffusion_model.`), on the CPU."""
+    """fp32 UNet weights in ComfyUI naming (the keys of a checkpoint's `model.diffusion_model.`), on the CPU (on the
+    meta device: shapes only, unfilled)."""
     import comfy.ops
     import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     cfg = base_unet_config(family, unet)
     net = UNetModel(**cfg, dtype=torch.float32, device=device, operations=comfy.ops.disable_weight_init)
+    if str(device) == "meta":
+        return net.state_dict()
     random_fill_(net, seed)
     sd = {k: v.detach().to("cpu") for k, v in net.state_dict().items()}
     del net
@@ -231,6 +234,18 @@ def random_branch_state_dict(family: str, unet: dict[str, Any], device: Any, see
         raise RuntimeError(f"random branch keys differ from the checkpoint format: {sorted(set(sd) ^ expected)[:5]}")
     del branch
     return sd, config
+
+
+def detect(family: str, unet: dict[str, Any], sd: dict[str, Any]) -> str:
+    """What ComfyUI's checkpoint detection makes of these weights: it must be the family's class with exactly the
+    unet_config the bench builds, i.e. these are the weights of a real SD1.5/SDXL checkpoint layout."""
+    import comfy.model_detection
+
+    found = comfy.model_detection.model_config_from_unet(sd, "")
+    want = model_config(family, base_unet_config(family, unet))
+    if type(found) is not type(want) or found.unet_config != want.unet_config:
+        raise RuntimeError(f"ComfyUI detects these {family} weights as {type(found).__name__} with another unet_config")
+    return type(found).__name__
 
 
 def build_base(family: str, unet: dict[str, Any], sd: dict[str, Any], dtype_name: str) -> Any:
@@ -350,9 +365,12 @@ def load_partial(mm: Any, patched: Any, inputs: dict[str, Any]) -> list[dict[str
     budget = int(0.5 * min(p.model_size() for p in patchers))
     device = patched.load_device
     if device.type == "cuda":
+        # load_models_gpu leaves the first model free - R - max(inference floor, minimum) for its weights, where R is
+        # the reserved VRAM and the floor is minimum_inference_memory() without R; solve for R.
         _, minimum = comfy.sampler_helpers.estimate_memory(patched, inputs["x"].shape, {})
         saved = mm.EXTRA_RESERVED_VRAM
-        mm.EXTRA_RESERVED_VRAM = max(0, int(mm.get_free_memory(device) - budget - minimum))
+        floor = mm.minimum_inference_memory() - saved
+        mm.EXTRA_RESERVED_VRAM = max(0, int(mm.get_free_memory(device) - budget - max(floor, minimum)))
         try:
             load_full(patched, inputs)
         finally:
@@ -585,11 +603,17 @@ def run_family(mm: Any, family: str, unet: dict[str, Any], size: int, args: argp
     build_branch = pack_module("nodes.branch").build_branch
     apply = pack_module("nodes.injection").apply_painternet
     inputs = make_inputs(family, unet, size, args.seed)
+    if args.dry_run:  # the tiny topology is no checkpoint layout: check the full-size one on the meta device
+        full = family_topologies(False)[family]
+        detected = detect(family, full, random_base_state_dict(family, full, "meta", 0)) + " (full-size layout, meta)"
+    else:
+        detected = detect(family, unet, base_sd)
     base_params = sum(v.numel() for v in base_sd.values())
     branch_params = sum(v.numel() for v in branch_sd.values())
     log(f"== {family}: base UNet {base_params / 1e6:.0f} M params, branch {branch_params / 1e6:.0f} M "
         f"({len(config.layout.down)}/1/{len(config.layout.up)} layer control points, {len(config.layout.attention)} "
-        f"ACP), {size}x{size} px, latent {size // 8}x{size // 8}; weights built in {time.perf_counter() - t0:.1f} s")
+        f"ACP), {size}x{size} px, latent {size // 8}x{size // 8}; ComfyUI's checkpoint detection: {detected}; weights "
+        f"built in {time.perf_counter() - t0:.1f} s")
     result: dict[str, Any] = {"size": size, "base_params": base_params, "branch_params": branch_params,
                               "dtypes": {}}
     eps_fp32 = None

@@ -52,8 +52,9 @@ def test_dry_run_log_has_every_section(dry_run):
                  "diffusers reference vs ComfyUI branch, fp32, TF32 off: ", "memory, 1-step sample",
                  "speed (fp16), s/step", "checks: all passed"):
         assert line in text, line
-    for family in ("sd15", "sdxl"):
+    for family, found in (("sd15", "SD15"), ("sdxl", "SDXL")):
         block = text.split(f"== {family}: ")[1].split("\n\n")[0]
+        assert f"ComfyUI's checkpoint detection: {found} (full-size layout" in block
         for row in ("fp32 ", "fp16 ", "bf16 ", "mixed ", "base ", "full ", "end=0.5 ", "scale=0 "):
             assert f"\n{row}" in block or f"\n  {row}" in block, (family, row)
 
