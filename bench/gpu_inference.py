@@ -114,9 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def setup_comfy(comfyui: str, device: str) -> Any:
     """ComfyUI first on sys.path (the repository's `nodes/` package must not shadow ComfyUI's modules), the repository
-    after it for painternet_core; the device is fixed before `comfy.model_management` is imported, which picks it once."""
+    after it for painternet_core; the device is fixed before `comfy.model_management` is imported, which picks it
+    once."""
     if not os.path.isfile(os.path.join(comfyui, "comfy", "model_management.py")):
-        raise SystemExit(f"no ComfyUI at {comfyui!r}: pass --comfyui or set COMFYUI_PATH (see the README's GPU section)")
+        raise SystemExit(f"no ComfyUI at {comfyui!r}: pass --comfyui or set COMFYUI_PATH (README, section GPU)")
     for path in (REPO, comfyui):
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -161,7 +162,8 @@ def random_fill_(module: Any, seed: int, gain: float = 1.0) -> Any:
                     continue
                 key = f"{module_name}.{name}".encode()
                 g = torch.Generator(device=p.device).manual_seed(seed * 1000003 + zlib.crc32(key))
-                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * (gain / math.sqrt(p[0].numel())))
+                noise = torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+                p.copy_(noise * (gain / math.sqrt(p[0].numel())))
     return module
 
 
@@ -177,8 +179,8 @@ def family_topologies(dry_run: bool) -> dict[str, dict[str, Any]]:
 
 
 def base_unet_config(family: str, unet: dict[str, Any]) -> dict[str, Any]:
-    cfg = pack_module("nodes.branch").comfy_unet_config(unet, in_channels=4)
-    return cfg
+    """ComfyUI's unet_config of the base, translated by the pack's own function (the one the family check uses)."""
+    return pack_module("nodes.branch").comfy_unet_config(unet, in_channels=4)
 
 
 def model_config(family: str, unet_config: dict[str, Any]) -> Any:
@@ -222,7 +224,8 @@ def random_branch_state_dict(family: str, unet: dict[str, Any], device: Any, see
     branch = pack_module("nodes.branch").ComfyPainterNetBranch(config, dtype=torch.float32, device=device,
                                                                operations=comfy.ops.disable_weight_init)
     random_fill_(branch.diffusion_model, seed)
-    for part in (branch.layer_control_down, branch.layer_control_mid, branch.layer_control_up, branch.attention_control):
+    controls = (branch.layer_control_down, branch.layer_control_mid, branch.layer_control_up, branch.attention_control)
+    for part in controls:
         random_fill_(part, seed + 1, gain=CONTROL_GAIN)
     # ComfyUI's map sends both diffusers spellings of SDXL's text_time embedding (class_/add_embedding) to label_emb:
     # keep the one the checkpoint format expects.
@@ -378,8 +381,7 @@ def load_partial(mm: Any, patched: Any, inputs: dict[str, Any]) -> list[dict[str
     else:
         for p in patchers:
             p.partially_load(p.load_device, extra_memory=budget)
-    return [{"model": type(p.model).__name__, "loaded_bytes": int(p.loaded_size()), "bytes": int(p.model_size()),
-             "lowvram_modules": sum(1 for m in p.model.modules() if getattr(m, "comfy_cast_weights", False))}
+    return [{"model": type(p.model).__name__, "loaded_bytes": int(p.loaded_size()), "bytes": int(p.model_size())}
             for p in patchers]
 
 
@@ -551,7 +553,8 @@ def measure_speed(mm: Any, base: Any, painternet: Any, inputs: dict[str, Any], a
     from inference_overhead import sample_once
 
     apply = pack_module("nodes.injection").apply_painternet
-    models = {name: base if s is None else apply(base, painternet, inputs["condition"], *s) for name, s in SPEED_SETTINGS}
+    models = {name: base if setting is None else apply(base, painternet, inputs["condition"], *setting)
+              for name, setting in SPEED_SETTINGS}
     calls = [0]
     hook = painternet.patcher.model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     timer = event_timer_class()(base.model.diffusion_model, args.device == "cuda")
@@ -645,7 +648,8 @@ def run_family(mm: Any, family: str, unet: dict[str, Any], size: int, args: argp
                 load_full(base, inputs)
                 row["branch_effect"] = compare(eps, predict_noise(base, inputs))["rel_max"]
                 if row["branch_effect"] < 1e-3:
-                    failures.append(f"{family}: the random branch barely changes the output ({row['branch_effect']:.1e})")
+                    failures.append(f"{family}: the random branch barely changes the output "
+                                    f"({row['branch_effect']:.1e})")
             row["parity"] = compare(eps, eps_fp32)
             partial = load_partial(mm, patched, inputs)
             row["lowvram"] = {"loaded": partial, **compare(predict_noise(patched, inputs), eps)}
@@ -724,7 +728,8 @@ def log_family(family: str, result: dict[str, Any], args: argparse.Namespace, lo
     flops, speed = result["flops"], result["speed"]
     log(f"speed ({result['speed_dtype']}), s/step inside the UNet forward (branch included), median of {args.repeats} "
         f"interleaved runs of {args.steps} steps (min-max), cfg {args.cfg}, batch 1; FLOPs per call base "
-        f"{flops['base_gflop']:.1f} G, branch {flops['branch_gflop']:.1f} G, full-range bound {flops['full_bound']:.2f}x")
+        f"{flops['base_gflop']:.1f} G, branch {flops['branch_gflop']:.1f} G, full-range bound "
+        f"{flops['full_bound']:.2f}x")
     for name, s in speed.items():
         frac = s["branch_calls"] / args.steps
         bound = 1 + (flops["full_bound"] - 1) * frac
@@ -762,9 +767,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.python_version()}, {torch.get_num_threads()} CPU threads, ComfyUI at {args.comfyui}")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        log(f"GPU: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, compute capability {props.major}.{props.minor}")
+        log(f"GPU: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, compute capability "
+            f"{props.major}.{props.minor}")
     log(f"attention backend picked by ComfyUI: {attention.optimized_attention.__name__} (xformers "
-        f"{mm.xformers_enabled()}, pytorch attention {mm.pytorch_attention_enabled()}), vram state {mm.vram_state.name}")
+        f"{mm.xformers_enabled()}, pytorch attention {mm.pytorch_attention_enabled()}), vram state "
+        f"{mm.vram_state.name}")
     log("DRY RUN on CPU with the tests' tiny topologies: checks the code path, not GPU numbers" if args.dry_run
         else "full-size random weights")
     log()
