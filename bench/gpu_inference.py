@@ -121,13 +121,17 @@ def setup_comfy(comfyui: str, device: str) -> Any:
     for path in (REPO, comfyui):
         if path not in sys.path:
             sys.path.insert(0, path)
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here; --dry-run checks the code on CPU")
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = device == "cpu"
     import comfy.model_management as mm
 
     if device == "cuda" and mm.get_torch_device().type != "cuda":
-        raise SystemExit("ComfyUI found no CUDA device; use --dry-run to check the code on CPU")
+        raise SystemExit("ComfyUI picked no CUDA device; --dry-run checks the code on CPU")
     return mm
 
 
