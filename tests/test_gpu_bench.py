@@ -71,6 +71,7 @@ def test_dry_run_parity_is_finite_and_small(dry_run, family):
     for name, limit in (("fp32", 0.0), ("fp16", 3e-2), ("bf16", 1e-1), ("mixed", 1e-1)):
         parity = rows[name]["parity"]
         assert parity["finite"] and math.isfinite(parity["rel_max"]) and parity["rel_max"] <= limit, (name, parity)
+        assert rows[name]["base_parity"]["finite"] and rows[name]["base_parity"]["rel_max"] <= limit
         low = rows[name]["lowvram"]
         assert low["finite"] and low["rel_max"] <= 1e-6, (name, low)
         assert len(low["loaded"]) == 2  # base and branch, both only partly loaded
