@@ -126,7 +126,7 @@ class PainterNetStitch:
     DESCRIPTION = ("Puts the decoded inpainted crops back into the original images. blend: feather (linear band "
                    "outside the hole), laplacian (multi-band blend inside the hole's rim) or poisson (the hole's "
                    "colours solved to meet its surroundings). color_match mean_std first matches the crop's colours "
-                   "to the original's in a ring around the hole (CIE Lab mean and std).")
+                   "to the original's in a ring around the hole (YCbCr mean and std).")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, Any]]:
@@ -143,7 +143,7 @@ class PainterNetStitch:
                                "a colour step, keeps the new content's detail)."}),
                 "color_match": (list(crop.COLOR_MATCH_MODES), {
                     "default": "none",
-                    "tooltip": "mean_std: shift and scale the crop's CIE Lab channels so a ring just outside the "
+                    "tooltip": "mean_std: shift and scale the crop's YCbCr channels so a ring just outside the "
                                "hole has the original's mean and std (Reinhard colour transfer). none: as decoded."}),
             },
         }
