@@ -36,6 +36,11 @@ def scene(height: int, width: int, seed: int = 0) -> np.ndarray:
     return img
 
 
+def image_of(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """(1, H, W, 3) tensor copy of the cached scene."""
+    return torch.from_numpy(scene(height, width, seed).copy())[None]
+
+
 def allowed_region(mask: np.ndarray, grow: int, feather: int) -> np.ndarray:
     """A superset of what stitch may change, computed independently: the hole dilated by a *square* of radius
     grow + feather (the elliptical grow and the Euclidean band both lie inside it)."""
@@ -73,7 +78,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_outside_the_band_is_bit_exact(case, blend):
     height, width, (y0, x0, h, w), grow, feather = CASES[case]
-    image = torch.from_numpy(scene(height, width, seed=1))[None]
+    image = image_of(height, width, seed=1)
     mask = hole_mask(height, width, y0, x0, h, w)
     crops, crop_masks, info = C.crop_batch(image, torch.from_numpy(mask)[None].float(), 256, 0.5, 32, grow, feather)
     assert crop_masks.sum() > 0
@@ -83,6 +88,7 @@ def test_outside_the_band_is_bit_exact(case, blend):
         keep = torch.from_numpy(~allowed_region(mask, grow, feather))
         assert torch.equal(out[0][keep], image[0][keep])
         assert not torch.equal(out[0][torch.from_numpy(mask)], image[0][torch.from_numpy(mask)])
+    assert np.array_equal(image[0].numpy(), scene(height, width, seed=1))  # the input itself is never written
 
 
 @pytest.mark.parametrize("blend", C.BLEND_MODES)
@@ -114,7 +120,7 @@ def test_batch_items_with_different_holes_and_one_shared_mask(blend):
 
 def test_feather_pastes_the_crop_inside_the_hole():
     height, width = 400, 500
-    image = torch.from_numpy(scene(height, width))[None]
+    image = image_of(height, width)
     mask = hole_mask(height, width, 100, 150, 70, 40)
     crops, _, info = C.crop_batch(image, torch.from_numpy(mask)[None].float(), 256, 0.5, 16, 0, 10)
     colour = torch.tensor([0.2, 0.7, 0.4])
@@ -130,7 +136,7 @@ def test_feather_pastes_the_crop_inside_the_hole():
 def test_unchanged_crop_reproduces_the_input(resolution, hole, grow):
     """Up-, down- and whole-image crops: outside the band exact; inside the resize round trip stays >= 40 dB."""
     height, width = 300, 400
-    image = torch.from_numpy(scene(height, width, seed=3))[None]
+    image = image_of(height, width, seed=3)
     mask = hole_mask(height, width, *hole)
     crops, _, info = C.crop_batch(image, torch.from_numpy(mask)[None].float(), resolution, 0.5, 16, grow, 8)
     for blend in C.BLEND_MODES:
@@ -144,7 +150,7 @@ def test_unchanged_crop_reproduces_the_input(resolution, hole, grow):
 
 def test_crop_holds_the_grown_hole_plus_context():
     height, width = 600, 800
-    image = torch.from_numpy(scene(height, width))[None]
+    image = image_of(height, width)
     mask = hole_mask(height, width, 200, 300, 50, 100)
     grow, context, context_min, feather = 10, 0.5, 16, 8
     crops, crop_masks, info = C.crop_batch(image, torch.from_numpy(mask)[None].float(), 512, context, context_min,
@@ -169,7 +175,7 @@ def test_crop_holds_the_grown_hole_plus_context():
 
 def test_box_is_reflect_padded_only_when_the_image_is_smaller():
     # A 12x200 strip with a hole across it: the 4:1 aspect limit asks for a box taller than the image.
-    image = torch.from_numpy(scene(12, 200))[None]
+    image = image_of(12, 200)
     mask = np.zeros((12, 200), bool)
     mask[:, 20:180] = True
     crops, _, info = C.crop_batch(image, torch.from_numpy(mask)[None].float(), 128, 0.5, 4, 0, 2)
@@ -196,7 +202,7 @@ def test_laplacian_and_poisson_hide_a_colour_step_at_the_hole_edge():
     leaves a step of the full offset at the hole's edge. Measured on this scene: laplacian 0.19x, poisson 0.08x of
     the hard-paste step (feather 16); a feather band outside the hole cannot help here (it blends kept pixels)."""
     height, width = 360, 480
-    image = torch.from_numpy(scene(height, width, seed=5))[None]
+    image = image_of(height, width, seed=5)
     mask = hole_mask(height, width, 120, 160, 90, 130)
     offset = torch.tensor([0.10, -0.06, 0.08])
     steps = {}
@@ -216,7 +222,7 @@ def test_mean_std_removes_a_global_colour_shift():
     measured in the ring removes >= 90 % of the error inside the hole (measured: 99.8 %, the rest is the resize
     round trip)."""
     height, width = 300, 400
-    image = torch.from_numpy(scene(height, width, seed=7))[None]
+    image = image_of(height, width, seed=7)
     mask = hole_mask(height, width, 100, 120, 80, 110)
     crops, _, info = C.crop_batch(image, torch.from_numpy(mask)[None].float(), 256, 0.5, 32, 0, 12)
     shifted = (crops + torch.tensor([0.06, -0.04, 0.05])).clamp(0, 1)
@@ -230,7 +236,7 @@ def test_mean_std_removes_a_global_colour_shift():
 
 
 def test_stitch_refuses_crops_of_another_size_or_batch():
-    image = torch.from_numpy(scene(100, 120))[None]
+    image = image_of(100, 120)
     mask = torch.from_numpy(hole_mask(100, 120, 40, 50, 10, 10))[None].float()
     crops, _, info = C.crop_batch(image, mask, 64, 0.5, 8, 0, 2)
     with pytest.raises(ValueError, match="batch 2 does not match the 1 crop"):
