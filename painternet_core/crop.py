@@ -185,6 +185,12 @@ def extract(image: np.ndarray, box: Box) -> np.ndarray:
     return cv2.copyMakeBorder(region, *pads, cv2.BORDER_REFLECT_101).reshape(box.height, box.width, -1)
 
 
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite, in one float64 sum instead of a per-element mask (a 12-megapixel photo is 36 M
+    values): the sum of finite float32 values cannot overflow float64, and any NaN or infinity makes it non-finite."""
+    return bool(np.isfinite(np.sum(values, dtype=np.float64)))
+
+
 def _binary_masks(mask: torch.Tensor, batch: int, height: int, width: int) -> np.ndarray:
     if mask.ndim == 2:
         mask = mask[None]
@@ -196,20 +202,23 @@ def _binary_masks(mask: torch.Tensor, batch: int, height: int, width: int) -> np
     if mask.shape[0] not in (1, batch):
         raise ValueError(f"mask batch {mask.shape[0]} does not match image batch {batch}; give one mask for all "
                          "images or one per image")
-    m = mask.detach().to("cpu", torch.float32)
-    if not torch.isfinite(m).all():
+    m = mask.detach().to("cpu", torch.float32).numpy()
+    if not _all_finite(m):
         raise ValueError("mask contains NaN or infinite values; fix the node that produced it")
-    return (m > MASK_THRESHOLD).numpy()
+    return m > MASK_THRESHOLD
 
 
-def _check_image(image: torch.Tensor) -> np.ndarray:
+def _image_array(image: torch.Tensor) -> np.ndarray:
+    """The IMAGE as a float32 numpy view (no copy when it already is one); values are checked where they are used."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
         found = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"image must be an IMAGE tensor (B, H, W, 3), got {found}; connect an image output")
-    pixels = image.detach().to("cpu", torch.float32)
-    if not torch.isfinite(pixels[..., :3]).all():
-        raise ValueError("image contains NaN or infinite values; fix the node that produced it")
-    return pixels.numpy()
+    return image.detach().to("cpu", torch.float32).numpy()
+
+
+def _check_finite(pixels: np.ndarray, what: str) -> None:
+    if not _all_finite(pixels):
+        raise ValueError(f"{what} contains NaN or infinite values; fix the node that produced it")
 
 
 def crop_batch(image: torch.Tensor, mask: torch.Tensor, resolution: int, context: float, context_min: int,
@@ -227,7 +236,7 @@ def crop_batch(image: torch.Tensor, mask: torch.Tensor, resolution: int, context
     if context < 0 or context_min < 0 or grow < 0 or feather < 0:
         raise ValueError(f"context {context}, context_min {context_min}, grow {grow} and feather {feather} must "
                          "not be negative")
-    pixels = _check_image(image)
+    pixels = _image_array(image)
     batch, height, width = pixels.shape[:3]
     holes = _binary_masks(mask, batch, height, width)
     grown, hole_boxes = [], []
@@ -260,7 +269,9 @@ def crop_batch(image: torch.Tensor, mask: torch.Tensor, resolution: int, context
         if check is not None:
             check()
         box = boxes[i]
-        crops[i] = _resize(extract(pixels[i, ..., :3], box), size)
+        region = extract(pixels[i, ..., :3], box)
+        _check_finite(region, "image" if batch == 1 else f"image {i} of the batch")
+        crops[i] = _resize(region, size)
         local = np.zeros((box.height, box.width), bool)
         rows, cols, brows, bcols = _inside(box, height, width)
         local[brows, bcols] = grown[i][rows, cols]
@@ -414,7 +425,8 @@ def stitch_into(original: np.ndarray, crop: np.ndarray, box: Box, hole: np.ndarr
 def stitch_batch(info: StitchInfo, image: torch.Tensor, blend: str, color_match: str,
                  check: Callable[[], None] | None = None) -> torch.Tensor:
     """Stitch a batch of inpainted crops (B, h, w, C) back into `info.image`; `check` is called between items."""
-    crops = _check_image(image)
+    crops = _image_array(image)
+    _check_finite(crops, "image")
     batch = len(info.boxes)
     if crops.shape[0] != batch:
         raise ValueError(f"image batch {crops.shape[0]} does not match the {batch} crop(s) in stitch; connect the "
