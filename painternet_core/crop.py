@@ -231,8 +231,8 @@ def crop_batch(image: torch.Tensor, mask: torch.Tensor, resolution: int, context
     grown holes (B, h, w) and the StitchInfo. `check` is called between items (ComfyUI's interrupt poll).
     """
     if resolution < 8:
-        raise ValueError(f"resolution {resolution} is too small; use the branch's training size (512 SD1.5, "
-                         "1024 SDXL) or at least 64")
+        raise ValueError(f"resolution {resolution} is below 8 px; use the branch's training size (512 SD1.5, "
+                         "1024 SDXL)")
     if context < 0 or context_min < 0 or grow < 0 or feather < 0:
         raise ValueError(f"context {context}, context_min {context_min}, grow {grow} and feather {feather} must "
                          "not be negative")
@@ -294,8 +294,8 @@ def blend_weights(hole: np.ndarray, feather: int, inward: bool = False) -> np.nd
     if not outside.any():
         return np.ones(hole.shape, np.float32)
     span = float(feather + 1)
-    d_out = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     if not inward:
+        d_out = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         return np.clip(1.0 - d_out / span, 0.0, 1.0).astype(np.float32)
     d_in = cv2.distanceTransform(hole.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     return np.clip(d_in / span, 0.0, 1.0).astype(np.float32)
