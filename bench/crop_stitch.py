@@ -112,9 +112,9 @@ def time_size(height: int, width: int, repeats: int) -> dict[str, tuple[float, f
     return row
 
 
-def sd15_step_seconds(repeats: int) -> tuple[float, float]:
+def sd15_step_seconds(repeats: int) -> tuple[float, float, int]:
     """Median (wall, process CPU) seconds of one SD1.5 UNet forward at a 64x64 latent, batch 2 (cond + uncond),
-    fp32."""
+    fp32, and the torch thread count it ran with."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def sd15_step_seconds(repeats: int) -> tuple[float, float]:
     print(f"SD1.5 UNet ({params:.0f} M params) forward, 64x64 latent, batch 2, fp32, {torch.get_num_threads()} "
           f"threads: wall {', '.join(f'{v:.2f}' for v in times)} s, process CPU {', '.join(f'{v:.2f}' for v in cpu)} s",
           flush=True)
-    return statistics.median(times), statistics.median(cpu)
+    return statistics.median(times), statistics.median(cpu), torch.get_num_threads()
 
 
 def seam_views(image: np.ndarray, mask: np.ndarray, zoom: tuple[int, int, int, int]) -> list[tuple[str, np.ndarray]]:
@@ -237,7 +237,7 @@ def main() -> None:
         for size, row in rows.items():
             print(f"{size:<11s} " + " ".join(f"{row[c][index]:19.1f}" for c in columns))
     if step is not None:
-        print(f"SD1.5 step (cond+uncond, 512², {torch.get_num_threads()} threads while it ran): wall {step[0]:.2f} s, "
+        print(f"SD1.5 step (cond+uncond, 512², {step[2]} threads): wall {step[0]:.2f} s, "
               f"process CPU {step[1]:.2f} s")
         for size, row in rows.items():
             for kind, index in (("wall", 0), ("CPU", 1)):

@@ -122,6 +122,30 @@ def test_sd15_crop_stitch_workflow_runs_and_keeps_the_photo(server):
     assert (out[hole] != original[hole]).any()
 
 
+def test_sd15_outpaint_workflow_extends_the_photo(server):
+    """Pad for Outpainting → crop of the padded strip → … → stitch: the result is the padded size, the photo's own
+    pixels are kept away from the band, and the padding is painted over."""
+    info = server.object_info()
+    prompt = ui_to_api(load_workflow("painternet_sd15_outpaint.json"), info)
+    kinds = {n["class_type"]: k for k, n in prompt.items()}
+    prompt[kinds["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = "tiny-sd15.safetensors"
+    prompt[kinds["PainterNetLoader"]]["inputs"]["painternet_name"] = "tiny-sd15-branch.safetensors"
+    prompt[kinds["LoadImage"]]["inputs"]["image"] = "photo.png"
+    prompt[kinds["KSampler"]]["inputs"]["steps"] = 2
+    crop_inputs = prompt[kinds["PainterNetCrop"]]["inputs"]
+    crop_inputs["resolution"] = 128
+    pad = prompt[kinds["ImagePadForOutpaint"]]["inputs"]
+    assert (pad["left"], pad["top"], pad["bottom"], pad["feathering"]) == (0, 0, 0, 0) and pad["right"] > 0
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    out = saved_pixels(server, entry, kinds["SaveImage"])
+    original = np.asarray(Image.open(os.path.join(server.input_dir, "photo.png")).convert("RGB"))
+    assert out.shape == (HEIGHT, WIDTH + pad["right"], 3)
+    keep = WIDTH - crop_inputs["grow"] - crop_inputs["feather"] - 1
+    assert np.array_equal(out[:, :keep], original[:, :keep])
+    assert (out[:, WIDTH:] != np.uint8(255.0 * 0.5)).mean() > 0.5  # the grey padding (0.5) was painted over
+
+
 def crop_graph(mask: list | None = None, image: list | None = None, stitch_image: list | None = None,
                resolution: int = 64, extra: dict | None = None) -> dict[str, Any]:
     """LoadImage → PainterNetCrop → PainterNetStitch (of the unchanged crop) → PreviewImage; no model needed."""
