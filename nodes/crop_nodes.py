@@ -70,7 +70,7 @@ class PainterNetCrop:
                                                  "hole's width (left/right) or height (top/bottom); at least "
                                                  "context_min px."}),
                 "grow": ("INT", {"default": 8, "min": 0, "max": MAX_PX, "step": 1,
-                                 "tooltip": "Pixels the hole is dilated by before cropping (elliptical kernel), so "
+                                 "tooltip": "Pixels the hole is dilated by before cropping (a disc of this radius), so "
                                             "its edge lies on background rather than on the object's outline."}),
                 "feather": ("INT", {"default": 16, "min": 0, "max": MAX_PX, "step": 1,
                                     "tooltip": "Width in px of the blend band PainterNet Stitch uses: outside the "

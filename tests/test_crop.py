@@ -43,7 +43,7 @@ def image_of(height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 def allowed_region(mask: np.ndarray, grow: int, feather: int) -> np.ndarray:
     """A superset of what stitch may change, computed independently: the hole dilated by a *square* of radius
-    grow + feather (the elliptical grow and the Euclidean band both lie inside it)."""
+    grow + feather (the Euclidean grow and the Euclidean band both lie inside it)."""
     r = grow + feather
     if r == 0:
         return mask.copy()
@@ -129,6 +129,22 @@ def test_feather_pastes_the_crop_inside_the_hole():
     band = allowed_region(mask, 0, 10) & ~mask
     mixed = out[0][torch.from_numpy(band)]
     assert (mixed != image[0][torch.from_numpy(band)]).any()  # the band blends, it is not left as is
+
+
+def test_grow_adds_every_pixel_within_grow_px():
+    height, width, grow = 120, 150, 7
+    mask = np.zeros((height, width), bool)
+    mask[30, 40] = mask[90, 100] = mask[0, 149] = True
+    _, _, info = C.crop_batch(image_of(height, width), torch.from_numpy(mask)[None].float(), 64, 0.0, 0, grow, 0)
+    box = info.boxes[0]
+    grown = np.zeros((height, width), bool)
+    grown[max(box.y0, 0):box.y1, max(box.x0, 0):box.x1] = info.holes[0].numpy()[max(-box.y0, 0):,
+                                                                                max(-box.x0, 0):]
+    yy, xx = np.mgrid[0:height, 0:width]
+    expected = np.zeros_like(mask)
+    for y, x in zip(*np.nonzero(mask)):
+        expected |= (yy - y) ** 2 + (xx - x) ** 2 <= grow * grow
+    np.testing.assert_array_equal(grown, expected)
 
 
 @pytest.mark.parametrize("resolution,hole,grow", [(512, (40, 50, 12, 9), 2), (128, (20, 30, 200, 260), 8),
