@@ -6,13 +6,10 @@ of the bad value and say what to do. Both poll ComfyUI's interrupt flag between 
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 from painternet_core import crop
-
-logger = logging.getLogger("painternet")
 
 CATEGORY = "inpaint/PainterNet"
 MAX_SIDE = 8192
