@@ -39,7 +39,7 @@ GROW, FEATHER, CONTEXT, CONTEXT_MIN, RESOLUTION = 8, 16, 0.5, 64, 512
 
 
 def scene(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A synthetic outdoor-like picture in [0, 1]: sky gradient, ground, a few soft shapes, mild texture."""
+    """A synthetic outdoor-like picture in [0, 1]: sky gradient, wavy ground, a few soft discs."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     t = yy / max(height - 1, 1)
@@ -56,9 +56,7 @@ def scene(height: int, width: int, seed: int = 0) -> np.ndarray:
         r = rng.uniform(0.03, 0.09) * min(height, width)
         colour = tuple(float(v) for v in rng.uniform(0.1, 0.9, 3))
         cv2.circle(img, (int(cx), int(cy)), int(r), colour, -1, lineType=cv2.LINE_AA)
-    img = cv2.GaussianBlur(img, (0, 0), 1.0)
-    noise = rng.normal(0, 0.01, img.shape).astype(np.float32)
-    return np.clip(img + noise, 0.0, 1.0)
+    return np.clip(cv2.GaussianBlur(img, (0, 0), 1.0), 0.0, 1.0)
 
 
 def ellipse_hole(height: int, width: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
@@ -192,7 +190,7 @@ def picture(path: str) -> None:
     sheet = np.full((top.shape[0] + grid.shape[0], width_out, 3), 255, np.uint8)
     sheet[:top.shape[0], :top.shape[1]] = top
     sheet[top.shape[0]:, :grid.shape[1]] = grid
-    cv2.imwrite(path, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(path, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
     print(f"wrote {path} ({sheet.shape[1]}x{sheet.shape[0]})")
 
 
