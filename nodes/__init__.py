@@ -2,7 +2,7 @@
 import importlib
 
 # One entry per node module; each exports NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS.
-_NODE_MODULES: tuple[str, ...] = ("painternet_nodes", "mask_nodes", "box_mask_nodes")
+_NODE_MODULES: tuple[str, ...] = ("painternet_nodes", "mask_nodes", "box_mask_nodes", "crop_nodes")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

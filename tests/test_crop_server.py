@@ -1,0 +1,206 @@
+"""Crop & stitch through a real `main.py --cpu` server: the SD1.5 example workflow converted from its UI format to
+an API prompt runs end to end with the tiny models and keeps every pixel outside the band; bad inputs fail with a
+message naming the node and the fix, and the server answers a valid prompt afterwards."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from models import branch_file, sd15_checkpoint
+from painternet_core.shapes import render_mask
+from server_harness import error_text, start_server
+
+pytestmark = pytest.mark.server
+
+WORKFLOWS = ("painternet_sd15_crop_stitch.json", "painternet_sdxl_crop_stitch.json", "painternet_sd15_outpaint.json")
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+HEIGHT, WIDTH = 283, 397
+
+
+def load_workflow(name: str) -> dict[str, Any]:
+    with open(os.path.join(REPO, "example_workflows", name), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def ui_to_api(graph: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """The API prompt the browser would send for a UI-format workflow: links become [node id, slot], widget values
+    are assigned to the unlinked widget inputs in INPUT_TYPES order (required, then optional), skipping the extra
+    value a `control_after_generate` widget stores and LoadImage's upload button."""
+    links = {link[0]: link for link in graph["links"]}
+    prompt = {}
+    for node in graph["nodes"]:
+        spec = info[node["type"]]["input"]
+        specs = {**spec.get("required", {}), **spec.get("optional", {})}
+        inputs: dict[str, Any] = {}
+        for socket in node["inputs"]:
+            if socket.get("link") is not None:
+                link = links[socket["link"]]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        values = iter(node.get("widgets_values") or [])
+        for name, (kind, *options) in specs.items():
+            if name in inputs or not (isinstance(kind, list) or kind in WIDGET_TYPES):
+                continue
+            inputs[name] = next(values)
+            if options and options[0].get("control_after_generate"):
+                next(values)
+        left = list(values)
+        if left != (["image"] if node["type"] == "LoadImage" else []):
+            raise ValueError(f"node {node['id']} ({node['type']}) has widget values {left} left over")
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("comfy-crop"))
+    srv = start_server(base)
+    os.symlink(sd15_checkpoint(), os.path.join(srv.models("checkpoints"), "tiny-sd15.safetensors"))
+    os.symlink(branch_file("sd15", "tiny-sd15-320-branch.safetensors"),
+               os.path.join(srv.models("painternet"), "tiny-sd15-branch.safetensors"))
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    rgb = np.stack([xx * 255 // WIDTH, yy * 255 // HEIGHT, (xx + yy) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb, "RGB").save(os.path.join(srv.input_dir, "photo.png"))
+    yield srv
+    srv.stop()
+
+
+def saved_pixels(server, entry: dict[str, Any], node: str) -> np.ndarray:
+    image = entry["outputs"][node]["images"][0]
+    path = os.path.join(server.output_dir, image["subfolder"], image["filename"])
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_example_workflows_match_the_server_nodes(server, name):
+    info = server.object_info()
+    graph = load_workflow(name)
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    for node in nodes.values():
+        assert node["type"] in info, node["type"]
+        assert [o["type"] for o in node["outputs"]] == info[node["type"]]["output"]
+    for link_id, src, src_slot, dst, dst_slot, kind in graph["links"]:
+        assert info[nodes[src]["type"]]["output"][src_slot] == kind
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+    prompt = ui_to_api(graph, info)  # raises when widget values and widget inputs do not line up
+    for node_id, node in prompt.items():
+        assert set(info[node["class_type"]]["input"]["required"]) <= set(node["inputs"]), node_id
+    types = [n["type"] for n in graph["nodes"]]
+    assert {"PainterNetCrop", "PainterNetApply", "KSampler", "VAEDecode", "PainterNetStitch", "SaveImage"} <= set(types)
+
+
+def test_sd15_crop_stitch_workflow_runs_and_keeps_the_photo(server):
+    info = server.object_info()
+    graph = load_workflow("painternet_sd15_crop_stitch.json")
+    prompt = ui_to_api(graph, info)
+    kinds = {n["class_type"]: k for k, n in prompt.items()}
+    prompt[kinds["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = "tiny-sd15.safetensors"
+    prompt[kinds["PainterNetLoader"]]["inputs"]["painternet_name"] = "tiny-sd15-branch.safetensors"
+    prompt[kinds["LoadImage"]]["inputs"]["image"] = "photo.png"
+    # CI budget: 2 sampler steps and a 128² crop instead of 25 steps at the branch's 512² (the graph is unchanged).
+    prompt[kinds["KSampler"]]["inputs"]["steps"] = 2
+    crop_inputs = prompt[kinds["PainterNetCrop"]]["inputs"]
+    assert crop_inputs["resolution"] == 0 and crop_inputs["painternet"][0] == kinds["PainterNetLoader"]
+    crop_inputs["resolution"] = 128
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    out = saved_pixels(server, entry, kinds["SaveImage"])
+    original = np.asarray(Image.open(os.path.join(server.input_dir, "photo.png")).convert("RGB"))
+    assert out.shape == original.shape == (HEIGHT, WIDTH, 3)
+    shapes = prompt[kinds["PainterNetBoxMask"]]["inputs"]["shapes"]
+    hole = render_mask(shapes, HEIGHT, WIDTH) > 0.5
+    r = crop_inputs["grow"] + crop_inputs["feather"]
+    band = cv2.dilate(hole.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
+    assert np.array_equal(out[~band], original[~band])
+    assert (out[hole] != original[hole]).any()
+
+
+def test_sd15_outpaint_workflow_extends_the_photo(server):
+    """Pad for Outpainting → crop of the padded strip → … → stitch: the result is the padded size, the photo's own
+    pixels are kept away from the band, and the padding is painted over."""
+    info = server.object_info()
+    prompt = ui_to_api(load_workflow("painternet_sd15_outpaint.json"), info)
+    kinds = {n["class_type"]: k for k, n in prompt.items()}
+    prompt[kinds["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = "tiny-sd15.safetensors"
+    prompt[kinds["PainterNetLoader"]]["inputs"]["painternet_name"] = "tiny-sd15-branch.safetensors"
+    prompt[kinds["LoadImage"]]["inputs"]["image"] = "photo.png"
+    prompt[kinds["KSampler"]]["inputs"]["steps"] = 2
+    crop_inputs = prompt[kinds["PainterNetCrop"]]["inputs"]
+    crop_inputs["resolution"] = 128
+    pad = prompt[kinds["ImagePadForOutpaint"]]["inputs"]
+    assert (pad["left"], pad["top"], pad["bottom"], pad["feathering"]) == (0, 0, 0, 0) and pad["right"] > 0
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    out = saved_pixels(server, entry, kinds["SaveImage"])
+    original = np.asarray(Image.open(os.path.join(server.input_dir, "photo.png")).convert("RGB"))
+    assert out.shape == (HEIGHT, WIDTH + pad["right"], 3)
+    keep = WIDTH - crop_inputs["grow"] - crop_inputs["feather"] - 1
+    assert np.array_equal(out[:, :keep], original[:, :keep])
+    assert (out[:, WIDTH:] != np.uint8(255.0 * 0.5)).mean() > 0.5  # the grey padding (0.5) was painted over
+
+
+def crop_graph(mask: list | None = None, image: list | None = None, stitch_image: list | None = None,
+               resolution: int = 64, extra: dict | None = None) -> dict[str, Any]:
+    """LoadImage → PainterNetCrop → PainterNetStitch (of the unchanged crop) → PreviewImage; no model needed."""
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": WIDTH, "height": HEIGHT}},
+        "3": {"class_type": "CropMask", "inputs": {"mask": ["2", 0], "x": 100, "y": 80, "width": 60,
+                                                   "height": 40}},
+        "4": {"class_type": "PainterNetCrop", "inputs": {
+            "image": image or ["1", 0], "mask": mask or ["5", 0], "resolution": resolution, "context": 0.5,
+            "grow": 4, "feather": 8}},
+        "5": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": WIDTH, "height": HEIGHT}},
+        "6": {"class_type": "PainterNetStitch", "inputs": {"stitch": ["4", 2], "image": stitch_image or ["4", 0],
+                                                           "blend": "poisson", "color_match": "mean_std"}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+    prompt.update(extra or {})
+    return prompt
+
+
+def valid_hole_graph() -> dict[str, Any]:
+    """A drawn box hole through the box-mask node, then crop → stitch."""
+    shapes = json.dumps({"version": 1, "shapes": [{"type": "box", "x": 0.3, "y": 0.3, "w": 0.2, "h": 0.25}]})
+    return crop_graph(mask=["8", 0], extra={"8": {"class_type": "PainterNetBoxMask", "inputs": {
+        "image": ["1", 0], "shapes": shapes, "invert": False}}})
+
+
+BAD_GRAPHS = {
+    "empty mask": (crop_graph(), "PainterNetCrop: the mask is empty: nothing to inpaint. Paint the region"),
+    "mask of another size": (crop_graph(mask=["3", 0]),
+                             f"PainterNetCrop: mask is 60x40 but the image is {WIDTH}x{HEIGHT}; use a mask drawn"),
+    "mask batch differs": (crop_graph(image=["9", 0], mask=["10", 0], extra={
+        "9": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 2}},
+        "11": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 3}},
+        "10": {"class_type": "ImageToMask", "inputs": {"image": ["11", 0], "channel": "red"}}}),
+        "PainterNetCrop: mask batch 3 does not match image batch 2; give one mask for all images or one per image"),
+    "stitch of another crop (size)": (None, "PainterNetStitch: image is"),
+    "stitch of another crop (batch)": (None, "PainterNetStitch: image batch 2 does not match the 1 crop(s)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRAPHS))
+def test_bad_inputs_fail_clearly_and_the_server_goes_on(server, case):
+    graph, message = BAD_GRAPHS[case]
+    if case == "stitch of another crop (size)":
+        graph = valid_hole_graph()
+        graph["12"] = {"class_type": "PainterNetCrop", "inputs": {
+            "image": ["1", 0], "mask": ["8", 0], "resolution": 128, "context": 0.5, "grow": 4, "feather": 8}}
+        graph["6"]["inputs"]["image"] = ["12", 0]
+    elif case == "stitch of another crop (batch)":
+        graph = valid_hole_graph()
+        graph["12"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["4", 0], "amount": 2}}
+        graph["6"]["inputs"]["image"] = ["12", 0]
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "error"
+    assert message in error_text(entry), error_text(entry)
+    entry = server.run(valid_hole_graph())
+    assert entry["status"]["status_str"] == "success", error_text(entry)
