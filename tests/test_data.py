@@ -13,9 +13,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from training.data import (BrushDataShards, FolderDataset, MalformedSample, SyntheticShapes, collate_samples,
-                           prepare_sample, rle_decode, sdxl_time_ids, synthetic_scene)
-from training.tiny import TINY_WORDS
+from training.inference import sdxl_time_ids
+from training.painterdata.shards import MalformedSample, rle_decode
+from training.trainer.data import (BrushDataShards, FolderDataset, SyntheticShapes, collate_samples, prepare_sample,
+                                   synthetic_scene)
+from training.trainer.presets import TINY_WORDS
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

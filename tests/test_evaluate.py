@@ -1,7 +1,7 @@
 """PainterBench evaluation, the PainterData caption pipeline and the benchmark builder, on tiny random models.
 
 Every model is built from a tiny config and saved to a temp folder (CLIP with a real BPE tokenizer written by
-``training.tiny``, Grounding DINO with a tiny Swin + BERT, LAION-style aesthetic heads); expected values are computed
+``training.trainer.presets``, Grounding DINO with a tiny Swin + BERT, LAION-style aesthetic heads); expected values are computed
 independently of the code under test (manual CLIP forward, hand-computed MSE/PSNR, hand-placed crops).
 """
 from __future__ import annotations
@@ -25,8 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from training import bench_manifest, captions, evaluate  # noqa: E402
-from training.metrics import (  # noqa: E402
+from training.painterbench import evaluate  # noqa: E402
+from training.painterbench import manifest as bench_manifest  # noqa: E402
+from training.painterdata import captions, shards  # noqa: E402
+from training.painterbench.metrics import (  # noqa: E402
     PSNR_CAP_DB,
     AestheticScorer,
     ClipScorer,
@@ -39,7 +41,7 @@ from training.metrics import (  # noqa: E402
     square_crop,
     unmasked_region_metrics,
 )
-from training.tiny import tiny_clip_tokenizer  # noqa: E402
+from training.trainer.presets import tiny_clip_tokenizer  # noqa: E402
 
 PROJECTION = 16
 
@@ -299,18 +301,18 @@ def encode_rle(mask: np.ndarray) -> list[int]:
 
 def test_decode_segmentation_column_major_one_based() -> None:
     payload = json.dumps({"mask": [[2, 2, 6, 1], "1 6", []]})
-    first, full, empty = captions.decode_segmentation(payload, 3, 2)
+    first, full, empty = shards.decode_segmentation(payload, 3, 2)
     # column-major cells 1, 2 and 5 (0-based): k -> (row k % 3, column k // 3)
     np.testing.assert_array_equal(first, np.array([[0, 0], [1, 0], [1, 1]], np.float32))
     assert first.dtype == np.float32 and full.all() and not empty.any()
     rng = np.random.default_rng(0)
     random_mask = (rng.random((7, 5)) > 0.5).astype(np.float32)
-    decoded = captions.decode_segmentation(json.dumps({"mask": [encode_rle(random_mask)]}), 7, 5)[0]
+    decoded = shards.decode_segmentation(json.dumps({"mask": [encode_rle(random_mask)]}), 7, 5)[0]
     np.testing.assert_array_equal(decoded, random_mask)
     with pytest.raises(ValueError):
-        captions.decode_segmentation(json.dumps({"mask": [[6, 2]]}), 3, 2)
+        shards.decode_segmentation(json.dumps({"mask": [[6, 2]]}), 3, 2)
     with pytest.raises(ValueError, match="mask"):
-        captions.decode_segmentation("[1, 2]", 3, 2)
+        shards.decode_segmentation("[1, 2]", 3, 2)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -579,7 +581,7 @@ def test_image_reward_flag_errors_clearly_when_package_missing(tmp_path: Path) -
     bench_manifest.build_benchmark(items, tmp_path / "bench", seed=0)
     (tmp_path / "ir.pt").write_bytes(b"x")
     (tmp_path / "med.json").write_text("{}")
-    result = subprocess.run([sys.executable, str(REPO / "training" / "evaluate.py"), "--manifest",
+    result = subprocess.run([sys.executable, str(REPO / "training" / "painterbench" / "evaluate.py"), "--manifest",
                              str(tmp_path / "bench"), "--generated", str(tmp_path / "bench" / "images"), "--out-dir",
                              str(tmp_path / "out"), "--image-reward", str(tmp_path / "ir.pt"),
                              "--image-reward-med-config", str(tmp_path / "med.json")],
@@ -620,7 +622,7 @@ def test_lpips_on_unmasked_region(tmp_path: Path) -> None:
     pytest.importorskip("lpips")
     import torchvision
 
-    from training.metrics import LpipsScorer
+    from training.painterbench.metrics import LpipsScorer
 
     torch.manual_seed(0)
     features = {k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")}
@@ -657,8 +659,8 @@ def branch_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     zero-initialised branch would leave the base alone and hide a branch that is not used)."""
     from painternet_core.branch import PainterNetBranch
     from painternet_core.checkpoint import save_branch
-    from training.step import load_base_model
-    from training.tiny import save_tiny_pipeline
+    from training.inference import load_base_model
+    from training.trainer.presets import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("branch-generator")
     save_tiny_pipeline(root / "base", "sd15", seed=0)
@@ -674,7 +676,7 @@ def branch_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_branch_generator_runs_the_reference_pipeline_and_keeps_the_source_outside_the_hole(
         branch_files: Path, tmp_path: Path) -> None:
-    from training.step import inpaint
+    from training.inference import inpaint
 
     generator = evaluate.BranchGenerator(branch_files / "branch.safetensors", branch_files / "base", steps=2, seed=3,
                                          resolution=64, save_dir=tmp_path / "generated")

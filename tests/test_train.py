@@ -15,10 +15,11 @@ import torch
 
 from painternet_core.branch import PainterNetBranch, painternet_unet_forward
 from painternet_core.checkpoint import load_branch
-from training import train
-from training.checkpoints import list_checkpoints
-from training.data import SyntheticShapes, collate_samples
-from training.step import BaseModel, compute_loss, load_base_model, step_generator
+from training.inference import BaseModel, load_base_model
+from training.trainer import train
+from training.trainer.checkpoints import list_checkpoints
+from training.trainer.data import SyntheticShapes, collate_samples
+from training.trainer.step import compute_loss, step_generator
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--train_batch_size", "1", "--report_to", "none", "--validation_steps", "0", "--seed", "3"]
@@ -48,7 +49,7 @@ def test_step0_of_a_fresh_branch_reproduces_the_base_prediction(sd15_run):
     got = compute_loss(base, branch, batch, step_generator(0, 0, 0, torch.device("cpu")), config=branch.config,
                        weight_dtype=torch.float32, recorder=None, beta=0.0, prompt_dropout=0.0).prediction
     # The same draws, through the base UNet alone.
-    from training.step import encode_prompts, vae_encoder
+    from training.inference import encode_prompts, vae_encoder
 
     generator = step_generator(0, 0, 0, torch.device("cpu"))
     dropped = torch.rand(2, generator=generator) < 0.0
@@ -111,7 +112,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_resumable(sd15_run
     run = tmp_path / "run"
     run.mkdir()
     shutil.copytree(out / "tiny-base", run / "tiny-base")
-    cmd = [sys.executable, str(REPO / "training" / "train.py"), "--preset", "tiny-sd15", "--output_dir", str(run),
+    cmd = [sys.executable, str(REPO / "training" / "trainer" / "train.py"), "--preset", "tiny-sd15", "--output_dir", str(run),
            "--max_train_steps", "200", "--checkpointing_steps", "1", *FAST]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_during_save = False
@@ -224,7 +225,7 @@ def test_export_runs_in_comfyui_like_in_the_trainer(sd15_run, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_run_keeps_the_lr_schedule_and_saves_every_rank(tmp_path):
-    """`torchrun --nproc_per_node 2 training/train.py` (gloo on CPU): the script runs unchanged in data parallel, the
+    """`torchrun --nproc_per_node 2 training/trainer/train.py` (gloo on CPU): the script runs unchanged in data parallel, the
     prepared scheduler (stepped once per process) follows the single-process schedule, every rank saves its RNG
     state into the shared checkpoint, and the main process exports a loadable branch."""
     out = tmp_path / "ddp"
@@ -232,7 +233,7 @@ def test_two_process_ddp_run_keeps_the_lr_schedule_and_saves_every_rank(tmp_path
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # --standalone: torchrun picks a free port for its own rendezvous (no port race with other jobs).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "training" / "train.py"), "--preset", "tiny-sd15",
+           str(REPO / "training" / "trainer" / "train.py"), "--preset", "tiny-sd15",
            "--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "3",
            "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--learning_rate", "1e-3", *FAST]
     with open(log, "wb") as sink:  # a file, not a pipe: two chatty ranks must never block on a full pipe

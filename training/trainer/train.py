@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Train a PainterNet branch (paper §3.3; DESIGN §7): L = L_diff + β·L_ATAL, only the branch trainable.
 
-One GPU:        python training/train.py --pretrained_model_name_or_path ./sd15 --train_data ./shards --output_dir out
-Many GPUs:      accelerate launch [--config_file ds_zero2.yaml] training/train.py ...   (no code change)
-CPU smoke run:  python training/train.py --preset tiny-sd15 --output_dir /tmp/pn
+One GPU:        python training/trainer/train.py --pretrained_model_name_or_path ./sd15 --train_data ./shards \
+                    --output_dir out
+Many GPUs:      accelerate launch [--config_file ds_zero2.yaml] training/trainer/train.py ...   (no code change)
+CPU smoke run:  python training/trainer/train.py --preset tiny-sd15 --output_dir /tmp/pn
 
-A flat orchestration script: loading, text encoding, the loss step and the validation sampler live in
-``training.step``, checkpoint atomicity in ``training.checkpoints``, data in ``training.data``, the branch and ATAL
-in ``painternet_core``. ``main(argv)`` returns a :class:`TrainResult` so tests can run the script in-process.
+A flat orchestration script: the loss and the optimizer step live in ``training.trainer.step``, checkpoint
+atomicity in ``training.trainer.checkpoints``, data in ``training.trainer.data``, base loading, text encoding and the
+validation sampler in ``training.inference`` (shared with PainterBench), the branch and ATAL in ``painternet_core``.
+``main(argv)`` returns a :class:`TrainResult` so tests can run the script in-process.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-if __package__ in (None, ""):  # `python training/train.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # `python training/trainer/train.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
@@ -174,7 +176,7 @@ class TrainResult:
 
 def _build_dataset(args: argparse.Namespace, resolution: int, rank: int, world_size: int, seed: int) -> Any:
     """The training set for this rank (it shards itself over rank × DataLoader worker; never accelerate-prepared)."""
-    from training.data import BrushDataShards, FolderDataset, SyntheticShapes
+    from training.trainer.data import BrushDataShards, FolderDataset, SyntheticShapes
 
     common = dict(rank=rank, world_size=world_size, seed=seed, mask_mode=args.mask_mode, repeat=True)
     if args.train_data is None:
@@ -217,7 +219,7 @@ def _run_validation(args: argparse.Namespace, accelerator: Any, base: Any, branc
     import numpy as np
     from PIL import Image
 
-    from training.step import inpaint
+    from training.inference import inpaint
 
     image, mask, prompt = sample
     image, mask = image.to(accelerator.device), mask.to(accelerator.device)
@@ -270,9 +272,10 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     from painternet_core.atal import ATALRecorder, install_atal_processors
     from painternet_core.branch import PainterNetBranch
     from painternet_core.checkpoint import load_branch, save_branch
-    from training.checkpoints import checkpoint_step, remove_stale, resolve_resume, save_checkpoint
-    from training.data import collate_samples
-    from training.step import compute_loss, load_base_model, step_generator
+    from training.inference import load_base_model
+    from training.trainer.checkpoints import checkpoint_step, remove_stale, resolve_resume, save_checkpoint
+    from training.trainer.data import collate_samples
+    from training.trainer.step import step_generator, train_step
 
     output_dir = Path(args.output_dir)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir),
@@ -290,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     # ---- base model (frozen) -----------------------------------------------------------------------------------
     model_path = args.pretrained_model_name_or_path
     if args.preset is not None:
-        from training.tiny import save_tiny_pipeline
+        from training.trainer.presets import save_tiny_pipeline
 
         model_path = output_dir / "tiny-base"
         if accelerator.is_main_process and not (model_path / "model_index.json").is_file():
@@ -370,16 +373,10 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     sums = torch.zeros(3, device=accelerator.device)
     while global_step < args.max_train_steps:
         batch = next(batches)
-        with accelerator.accumulate(branch):
-            generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
-            out = compute_loss(base, branch, batch, generator, config=config, weight_dtype=weight_dtype,
-                               recorder=recorder, beta=args.beta, prompt_dropout=args.prompt_dropout,
-                               backward=accelerator.backward, autocast=accelerator.autocast)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(branch.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
+        out = train_step(base, branch, batch, generator, optimizer, config=config, weight_dtype=weight_dtype,
+                         recorder=recorder, beta=args.beta, prompt_dropout=args.prompt_dropout,
+                         max_grad_norm=args.max_grad_norm, lr_scheduler=lr_scheduler, accelerator=accelerator)
         micro_step += 1
         sums += torch.stack([out.l_diff, out.l_atal, out.l_atal_weighted]).float()
         if not accelerator.sync_gradients:

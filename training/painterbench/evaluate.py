@@ -1,7 +1,8 @@
 """PainterBench-style evaluation of inpainting results (paper §4.1, DESIGN §8).
 
-Inputs: a benchmark (a folder holding ``manifest.jsonl``/``manifest.csv`` as written by ``training/bench_manifest.py``,
-or such a manifest file) of items (id, image, mask, local prompt, global prompt), and a :class:`Generator` that gives
+Inputs: a benchmark (a folder holding ``manifest.jsonl``/``manifest.csv`` as written by
+``training/painterbench/manifest.py``, or such a manifest file) of items (id, image, mask, local prompt, global
+prompt), and a :class:`Generator` that gives
 the inpainted image of an item — a folder of already generated images matched by id or source file name, or a
 PainterNet branch + base model run now through the reference pipeline (:class:`BranchGenerator`).
 
@@ -11,12 +12,12 @@ undefined for an item (e.g. PSNR when the mask covers the whole image) is an emp
 
 Usage::
 
-    python training/evaluate.py --manifest bench/ --generated outputs/ --out-dir eval/ \\
+    python training/painterbench/evaluate.py --manifest bench/ --generated outputs/ --out-dir eval/ \\
         --clip models/clip-vit-large-patch14 --aesthetic-head models/sac+logos+ava1-l14-linearMSE.pth \\
         --gdino models/grounding-dino-base --device cuda
-    python training/evaluate.py --manifest bench/ --branch out/painternet.safetensors --base ./sd15 \\
+    python training/painterbench/evaluate.py --manifest bench/ --branch out/painternet.safetensors --base ./sd15 \\
         --save-generated eval/generated --out-dir eval/ --clip models/clip-vit-large-patch14 --device cuda
-    python training/evaluate.py --merge eval/per_image.csv eval_ir/per_image.csv --out-dir eval_all/
+    python training/painterbench/evaluate.py --merge eval/per_image.csv eval_ir/per_image.csv --out-dir eval_all/
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 import numpy as np
 from PIL import Image
 
-if __package__ in (None, ""):  # run as `python training/evaluate.py`: make `training` and `painternet_core` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as `python training/painterbench/evaluate.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from training.metrics import (  # noqa: E402
+from training.painterbench.metrics import (  # noqa: E402
     PSNR_CAP_DB,
     AestheticScorer,
     ClipScorer,
@@ -127,8 +128,9 @@ def _item_from_record(record: dict[str, Any], base: Path, where: str) -> BenchIt
 
 
 def _read_plain_folder(root: Path) -> list[BenchItem]:
-    """The trainer's plain folder format (``training.data.FolderDataset``): ``NAME.<ext>`` image, ``NAME_mask.png``
-    (non-zero = region to generate here), ``NAME.txt`` local prompt, optional ``NAME.caption.txt`` global prompt;
+    """The trainer's plain folder format (``training.trainer.data.FolderDataset``): ``NAME.<ext>`` image,
+    ``NAME_mask.png`` (non-zero = region to generate here), ``NAME.txt`` local prompt, optional ``NAME.caption.txt``
+    global prompt;
     subfolders included, id = NAME. Images without a mask or a prompt file are skipped."""
     items: list[BenchItem] = []
     seen: set[str] = set()
@@ -165,7 +167,8 @@ def read_manifest(path: str | Path) -> list[BenchItem]:
             items = _read_plain_folder(source)
             if not items:
                 raise ValueError(f"folder {str(path)!r} has no manifest.jsonl or manifest.csv and no NAME.<ext> + "
-                                 "NAME_mask.png + NAME.txt triples; build a manifest with training/bench_manifest.py")
+                                 "NAME_mask.png + NAME.txt triples; build a manifest with "
+                                 "training/painterbench/manifest.py")
             return items
     if not source.is_file():
         raise ValueError(f"manifest {str(path)!r} does not exist; pass a .jsonl/.csv manifest or its folder")
@@ -261,7 +264,7 @@ def working_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 class BranchGenerator:
     """Inpaints every item now: a PainterNet branch file on its base model through the reference DDIM + CFG loop
-    (``training.step.inpaint``, the forward the parity tests tie to the ComfyUI nodes).
+    (``training.inference.inpaint``, the forward the parity tests tie to the ComfyUI nodes).
 
     Text input (``prompt="auto"``): the item's local prompt for PainterNet branches (the hole is conditioned on it,
     paper §3.1), its global prompt for BrushNet / PowerPaint files, which were trained on whole-image captions.
@@ -279,7 +282,7 @@ class BranchGenerator:
 
         from painternet_core.branch import PainterNetBranch
         from painternet_core.checkpoint import load_branch
-        from training.step import load_base_model
+        from training.inference import load_base_model
 
         if prompt not in ("auto", "local", "global"):
             raise ValueError(f"prompt={prompt!r}: use 'auto', 'local' (PainterNet) or 'global' (BrushNet-style)")
@@ -312,7 +315,7 @@ class BranchGenerator:
     def generate(self, item: BenchItem) -> Image.Image:
         import torch
 
-        from training.step import inpaint
+        from training.inference import inpaint
 
         source = item.load_image()
         mask = item.load_mask()

@@ -1,7 +1,8 @@
 """PainterBench metrics (paper §4.1): the pure region arithmetic and the model-backed scorers.
 
-Why a separate module: ``training/evaluate.py`` (the benchmark driver) and ``training/captions.py`` (the PainterData
-CLIP filter) share the same CLIP scorer and the same "crop the mask's bounding box, pad to a square" rule, so a local
+Why a separate module: ``training/painterbench/evaluate.py`` (the benchmark driver) and
+``training/painterdata/captions.py`` (the PainterData CLIP filter) share the same CLIP scorer and the same "crop the
+mask's bounding box, pad to a square" rule, so a local
 caption is filtered on exactly the view that the local CLIP metric later scores.
 
 Conventions (DESIGN §2): a mask is float HxW in [0, 1], **1 = region to generate**; it is binarised at 0.5. Images
@@ -461,7 +462,8 @@ class ImageRewardScorer:
     """ImageReward (Xu et al. 2023) through the optional ``image-reward`` package, from local files only.
 
     Why optional: ``image-reward`` pins an old transformers/timm, so it usually lives in its own virtual environment;
-    run ``training/evaluate.py`` there with only ``--image-reward`` (plus the pixel metrics, which need no model) and
+    run ``training/painterbench/evaluate.py`` there with only ``--image-reward`` (plus the pixel metrics, which need
+    no model) and
     join the CSVs with ``--merge``. Offline use needs the checkpoint (``ImageReward.pt``), its ``med_config.json``,
     and the ``bert-base-uncased`` tokenizer already in the Hugging Face cache with ``HF_HUB_OFFLINE=1``.
     """
@@ -473,8 +475,9 @@ class ImageRewardScorer:
             raise RuntimeError(
                 "--image-reward needs the optional `image-reward` package, which pins transformers/timm versions "
                 "this project does not use: create a separate venv (`pip install image-reward`), run "
-                "`python training/evaluate.py ... --image-reward CKPT --image-reward-med-config JSON --out-dir "
-                "eval_ir` there, then `python training/evaluate.py --merge eval/per_image.csv "
+                "`python training/painterbench/evaluate.py ... --image-reward CKPT --image-reward-med-config JSON "
+                "--out-dir "
+                "eval_ir` there, then `python training/painterbench/evaluate.py --merge eval/per_image.csv "
                 "eval_ir/per_image.csv --out-dir eval_all` here") from error
         for path, flag in ((checkpoint, "--image-reward"), (med_config, "--image-reward-med-config")):
             if not Path(path).expanduser().is_file():
