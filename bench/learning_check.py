@@ -124,16 +124,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Branch training/eval seeds.")
     parser.add_argument("--steps", type=int, default=300, help="Branch training steps per setting.")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=1e-2, help="ATAL weight (see learning_task's docstring).")
     parser.add_argument("--samples", type=int, default=24, help="Held-out scenes.")
-    parser.add_argument("--base-seed", type=int, default=0, help="Seed of the scenes and of the base pretraining.")
+    parser.add_argument("--base_seed", type=int, default=0, help="Seed of the scenes and of the base pretraining.")
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "learning_task"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", default=None, help="Write a PNG grid of held-out inpaintings here.")
-    parser.add_argument("--grid-rows", type=int, default=8)
-    run(parser.parse_args())
+    parser.add_argument("--grid_rows", type=int, default=8)
+    from training.cli import parse_args
+
+    run(parse_args(parser, None))
 
 
 if __name__ == "__main__":

@@ -508,10 +508,10 @@ def test_evaluate_cli_columns_values_and_skips(clip_dir: Path, gdino_dir: Path, 
     torch.manual_seed(2)
     torch.save({"weight": torch.randn(1, PROJECTION), "bias": torch.zeros(1)}, tmp_path / "head.pth")
     out = tmp_path / "eval"
-    code = evaluate.main(["--manifest", str(tmp_path / "bench"), "--generated", str(generated), "--out-dir", str(out),
-                          "--clip", str(clip_dir), "--aesthetic-head", str(tmp_path / "head.pth"),
-                          "--gdino", str(gdino_dir), "--gdino-box-threshold", "0", "--gdino-text-threshold", "0",
-                          "--no-progress"])
+    code = evaluate.main(["--manifest", str(tmp_path / "bench"), "--generated", str(generated), "--out_dir", str(out),
+                          "--clip", str(clip_dir), "--aesthetic_head", str(tmp_path / "head.pth"),
+                          "--gdino", str(gdino_dir), "--gdino_box_threshold", "0", "--gdino_text_threshold", "0",
+                          "--no_progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert printed.startswith("| group | n | clip_sim |")
@@ -538,7 +538,7 @@ def test_evaluate_cli_columns_values_and_skips(clip_dir: Path, gdino_dir: Path, 
 
     pixels_only = tmp_path / "pixels"
     assert evaluate.main(["--manifest", str(tmp_path / "bench" / "manifest.jsonl"), "--generated", str(generated),
-                          "--out-dir", str(pixels_only), "--limit", "2", "--no-progress"]) == 0
+                          "--out_dir", str(pixels_only), "--limit", "2", "--no_progress"]) == 0
     with (pixels_only / "per_image.csv").open() as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == ["id", "mask_mode", "mask_area", "local_prompt", "global_prompt", "psnr", "mse"]
@@ -582,9 +582,9 @@ def test_image_reward_flag_errors_clearly_when_package_missing(tmp_path: Path) -
     (tmp_path / "ir.pt").write_bytes(b"x")
     (tmp_path / "med.json").write_text("{}")
     result = subprocess.run([sys.executable, str(REPO / "training" / "painterbench" / "evaluate.py"), "--manifest",
-                             str(tmp_path / "bench"), "--generated", str(tmp_path / "bench" / "images"), "--out-dir",
-                             str(tmp_path / "out"), "--image-reward", str(tmp_path / "ir.pt"),
-                             "--image-reward-med-config", str(tmp_path / "med.json")],
+                             str(tmp_path / "bench"), "--generated", str(tmp_path / "bench" / "images"), "--out_dir",
+                             str(tmp_path / "out"), "--image_reward", str(tmp_path / "ir.pt"),
+                             "--image_reward_med_config", str(tmp_path / "med.json")],
                             capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 2
     assert "optional `image-reward` package" in result.stderr and "--merge" in result.stderr
@@ -596,8 +596,34 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
             module.main(["--help"])
         assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--gdino-iou", "--limit", "--device", "--threshold", "--captioner", "--seed"):
+    for flag in ("--gdino_iou", "--limit", "--device", "--threshold", "--captioner", "--seed"):
         assert flag in help_text
+
+
+
+def test_old_kebab_case_flags_still_work_with_a_deprecation_warning(tmp_path: Path) -> None:
+    """The four CLIs spell flags in snake_case; 0.1's --kebab-case spellings are accepted for one release, each with
+    a FutureWarning naming the new spelling (``--flag=value`` too), and give the same result."""
+    from training.cli import normalize_flags
+    from training.trainer import train
+
+    source = make_source(tmp_path, 2)
+    with pytest.warns(FutureWarning, match="--min-area is deprecated .* use --min_area"):
+        assert bench_manifest.main(["--source", str(source), "--out-dir", str(tmp_path / "old"),
+                                    "--min-area=0.02"]) == 0
+    bench_manifest.main(["--source", str(source), "--out_dir", str(tmp_path / "new")])
+    assert (tmp_path / "old" / "manifest.jsonl").read_text() == (tmp_path / "new" / "manifest.jsonl").read_text()
+    generated = tmp_path / "old" / "images"
+    with pytest.warns(FutureWarning, match="--no-progress"):
+        assert evaluate.main(["--manifest", str(tmp_path / "old"), "--generated", str(generated), "--out-dir",
+                              str(tmp_path / "eval"), "--no-progress"]) == 0
+    assert (tmp_path / "eval" / "per_image.csv").is_file()
+    parser = captions.build_parser()
+    with pytest.warns(FutureWarning, match="--captioner-prompt"):
+        argv = normalize_flags(parser, ["--captioner-prompt", "a picture of", "--", "--out-dir"])
+    assert argv == ["--captioner_prompt", "a picture of", "--", "--out-dir"]  # nothing after a bare --
+    with pytest.warns(FutureWarning, match="--train-batch-size"):
+        assert train.parse_args(["--preset", "tiny-sd15", "--train-batch-size", "3"]).train_batch_size == 3
 
 
 def test_manifest_errors_name_the_problem(tmp_path: Path) -> None:
@@ -756,8 +782,8 @@ def test_evaluate_cli_generates_with_a_branch(branch_files: Path, tmp_path: Path
     out, generated = tmp_path / "eval", tmp_path / "generated"
     assert evaluate.main(["--manifest", str(tmp_path / "bench"), "--branch", str(branch_files / "branch.safetensors"),
                           "--base", str(branch_files / "base"), "--steps", "1", "--resolution", "64",
-                          "--save-generated", str(generated),
-                          "--out-dir", str(out), "--no-progress"]) == 0
+                          "--save_generated", str(generated),
+                          "--out_dir", str(out), "--no_progress"]) == 0
     with (out / "per_image.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     ids = [item.id for item in evaluate.read_manifest(tmp_path / "bench")]
@@ -768,4 +794,4 @@ def test_evaluate_cli_generates_with_a_branch(branch_files: Path, tmp_path: Path
                   "--base", str(branch_files / "base")],
                  ["--branch", str(branch_files / "branch.safetensors")]):
         with pytest.raises(SystemExit):
-            evaluate.main(["--manifest", str(tmp_path / "bench"), "--out-dir", str(out), *argv])
+            evaluate.main(["--manifest", str(tmp_path / "bench"), "--out_dir", str(out), *argv])

@@ -91,5 +91,24 @@ def test_the_trainer_imports_inference_never_evaluation():
 
 
 def test_every_training_module_lives_in_a_room():
-    loose = sorted(p.name for p in (REPO / "training").glob("*.py") if p.name not in ("__init__.py", "inference.py"))
+    loose = sorted(p.name for p in (REPO / "training").glob("*.py") if p.name not in ("__init__.py", "inference.py", "cli.py"))
     assert loose == []
+
+
+def test_bench_never_imports_tests():
+    test_modules = {p.stem for p in (REPO / "tests").glob("*.py")} | {"tests"}
+    bad = {}
+    for file, names in room_imports("bench").items():
+        hits = sorted(n for n in names if n.split(".")[0] in test_modules)
+        if hits:
+            bad[file] = hits
+    assert bad == {}
+    for path in (REPO / "bench").glob("*.py"):
+        assert '"tests"' not in path.read_text(encoding="utf-8"), f"{path.name} puts tests/ on sys.path"
+
+
+def test_the_harness_never_imports_tests_or_the_trainer():
+    test_modules = {p.stem for p in (REPO / "tests").glob("*.py")} - {"conftest"} | {"conftest", "tests"}
+    bad = {f: sorted(n for n in names if n.split(".")[0] in test_modules or n.startswith("training"))
+           for f, names in room_imports("harness").items()}
+    assert {f: n for f, n in bad.items() if n} == {}

@@ -198,7 +198,7 @@ def test_export_runs_in_comfyui_like_in_the_trainer(sd15_run, tmp_path):
     import comfy.model_management as mm
     import folder_paths
 
-    from comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
+    from harness.comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
 
     out, result = sd15_run
     folder = tmp_path / "painternet"
@@ -264,7 +264,7 @@ def test_single_file_checkpoint_loads_the_same_weights_as_its_diffusers_folder(s
     import comfy.diffusers_convert
     from safetensors.torch import save_file
 
-    from comfy_helpers import comfy_unet_key_map
+    from harness.comfy_helpers import comfy_unet_key_map
 
     out, _ = sd15_run
     folder = out / "tiny-base"

@@ -6,18 +6,18 @@ prompt), and a :class:`Generator` that gives
 the inpainted image of an item — a folder of already generated images matched by id or source file name, or a
 PainterNet branch + base model run now through the reference pipeline (:class:`BranchGenerator`).
 
-Outputs in ``--out-dir``: ``per_image.csv`` (one row per item), ``summary.csv`` and ``summary.md`` (means overall and
+Outputs in ``--out_dir``: ``per_image.csv`` (one row per item), ``summary.csv`` and ``summary.md`` (means overall and
 per mask kind). A metric whose model flag is not given is not computed and its column is absent; a metric that is
 undefined for an item (e.g. PSNR when the mask covers the whole image) is an empty cell and is left out of the mean.
 
 Usage::
 
-    python training/painterbench/evaluate.py --manifest bench/ --generated outputs/ --out-dir eval/ \\
-        --clip models/clip-vit-large-patch14 --aesthetic-head models/sac+logos+ava1-l14-linearMSE.pth \\
+    python training/painterbench/evaluate.py --manifest bench/ --generated outputs/ --out_dir eval/ \\
+        --clip models/clip-vit-large-patch14 --aesthetic_head models/sac+logos+ava1-l14-linearMSE.pth \\
         --gdino models/grounding-dino-base --device cuda
     python training/painterbench/evaluate.py --manifest bench/ --branch out/painternet.safetensors --base ./sd15 \\
-        --save-generated eval/generated --out-dir eval/ --clip models/clip-vit-large-patch14 --device cuda
-    python training/painterbench/evaluate.py --merge eval/per_image.csv eval_ir/per_image.csv --out-dir eval_all/
+        --save_generated eval/generated --out_dir eval/ --clip models/clip-vit-large-patch14 --device cuda
+    python training/painterbench/evaluate.py --merge eval/per_image.csv eval_ir/per_image.csv --out_dir eval_all/
 """
 from __future__ import annotations
 
@@ -552,45 +552,47 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--base", help="with --branch: the base model (diffusers folder or single-file .safetensors)")
     source.add_argument("--merge", nargs="+", metavar="CSV",
                         help="instead of evaluating, join these per_image.csv files by id and summarise them")
-    source.add_argument("--out-dir", required=True, help="writes per_image.csv, summary.csv, summary.md here")
+    source.add_argument("--out_dir", required=True, help="writes per_image.csv, summary.csv, summary.md here")
     source.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    source.add_argument("--skip-missing", action="store_true", help="log and skip items without a generated image")
+    source.add_argument("--skip_missing", action="store_true", help="log and skip items without a generated image")
     models = parser.add_argument_group("models (local paths; nothing is downloaded)")
     models.add_argument("--clip", help="CLIPModel folder for CLIP Sim and local CLIP Sim (paper: ViT-L/14)")
-    models.add_argument("--aesthetic-head", help="LAION aesthetic head state dict (.pth/.safetensors)")
-    models.add_argument("--aesthetic-clip", help="CLIP ViT-L/14 folder for the aesthetic head (default: --clip)")
-    models.add_argument("--image-reward", metavar="CKPT", help="ImageReward.pt (needs the optional image-reward pkg)")
-    models.add_argument("--image-reward-med-config", metavar="JSON", help="ImageReward's med_config.json")
+    models.add_argument("--aesthetic_head", help="LAION aesthetic head state dict (.pth/.safetensors)")
+    models.add_argument("--aesthetic_clip", help="CLIP ViT-L/14 folder for the aesthetic head (default: --clip)")
+    models.add_argument("--image_reward", metavar="CKPT", help="ImageReward.pt (needs the optional image-reward pkg)")
+    models.add_argument("--image_reward_med_config", metavar="JSON", help="ImageReward's med_config.json")
     models.add_argument("--gdino", help="GroundingDinoForObjectDetection folder (model + processor)")
-    models.add_argument("--gdino-box-threshold", type=float, default=0.35)
-    models.add_argument("--gdino-text-threshold", type=float, default=0.25)
-    models.add_argument("--gdino-iou", type=float, default=0.5, help="IoU with the mask box that makes a hit")
-    models.add_argument("--lpips-backbone", help="torchvision state dict of the LPIPS backbone (needs `lpips` pkg)")
-    models.add_argument("--lpips-net", default="alex", choices=("alex", "vgg", "squeeze"))
-    models.add_argument("--psnr-cap", type=float, default=PSNR_CAP_DB, help="PSNR reported for identical regions")
-    models.add_argument("--no-pixel-metrics", action="store_true", help="skip PSNR/MSE (e.g. in the ImageReward env)")
+    models.add_argument("--gdino_box_threshold", type=float, default=0.35)
+    models.add_argument("--gdino_text_threshold", type=float, default=0.25)
+    models.add_argument("--gdino_iou", type=float, default=0.5, help="IoU with the mask box that makes a hit")
+    models.add_argument("--lpips_backbone", help="torchvision state dict of the LPIPS backbone (needs `lpips` pkg)")
+    models.add_argument("--lpips_net", default="alex", choices=("alex", "vgg", "squeeze"))
+    models.add_argument("--psnr_cap", type=float, default=PSNR_CAP_DB, help="PSNR reported for identical regions")
+    models.add_argument("--no_pixel_metrics", action="store_true", help="skip PSNR/MSE (e.g. in the ImageReward env)")
     gen = parser.add_argument_group("generation (with --branch; reference DDIM + CFG loop)")
-    gen.add_argument("--single-file-config", help="local diffusers folder giving a single-file base its configs")
+    gen.add_argument("--single_file_config", help="local diffusers folder giving a single-file base its configs")
     gen.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--guidance_scale", type=float, default=7.5)
     gen.add_argument("--scale", type=float, default=1.0, help="branch strength (the node's `scale`)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--gen-prompt", choices=("auto", "local", "global"), default="auto",
+    gen.add_argument("--gen_prompt", choices=("auto", "local", "global"), default="auto",
                      help="text input of the generation: local prompt (auto for PainterNet branches) or global "
                           "prompt (auto for BrushNet/PowerPaint files)")
     gen.add_argument("--resolution", type=int, default=None,
                      help="generate at about RESOLUTION² pixels, aspect kept (default 512 SD1.5, 1024 SDXL; 0 = "
                           "each item's own size)")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="generation weights dtype")
-    gen.add_argument("--save-generated", help="also write the generated images here as <id>.png")
+    gen.add_argument("--save_generated", help="also write the generated images here as <id>.png")
     parser.add_argument("--device", default="cpu", help="torch device for the models, e.g. cuda or cuda:1")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from training.cli import parse_args
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out_dir = Path(args.out_dir)
     if args.merge:
@@ -605,9 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.branch) != bool(args.base):
         parser.error("--branch and --base go together: pass the branch file and its base model")
     if bool(args.image_reward) != bool(args.image_reward_med_config):
-        parser.error("--image-reward and --image-reward-med-config go together: pass both local files")
+        parser.error("--image_reward and --image_reward_med_config go together: pass both local files")
     if args.aesthetic_head and not (args.aesthetic_clip or args.clip):
-        parser.error("--aesthetic-head needs CLIP ViT-L/14: pass --aesthetic-clip (or --clip)")
+        parser.error("--aesthetic_head needs CLIP ViT-L/14: pass --aesthetic_clip (or --clip)")
     try:
         items = read_manifest(args.manifest)
         generator: Generator
@@ -636,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
     if not suite.columns():
-        parser.error("no metric selected: give a model flag (e.g. --clip) or drop --no-pixel-metrics")
+        parser.error("no metric selected: give a model flag (e.g. --clip) or drop --no_pixel_metrics")
     rows = evaluate(items, generator, suite, limit=args.limit, skip_missing=args.skip_missing,
                     progress=not args.no_progress)
     markdown = _write_outputs(rows, out_dir, suite.columns())

@@ -13,7 +13,7 @@ Sources:
 * ``--source manifest.jsonl|.csv`` with ``image``, ``segmentation`` (a mask PNG, non-zero = object),
   ``local_prompt`` (required) and ``id``, ``global_prompt``, ``category`` (optional); paths relative to the file;
 * ``--shards`` PainterData shards (``training/painterdata/captions.py`` output): per image, one object with a kept
-  local caption (chosen with the seed among objects covering at least ``--min-area`` of the image;
+  local caption (chosen with the seed among objects covering at least ``--min_area`` of the image;
   id = ``<key>_<object index>``
   with "/" in the key replaced by "_"); the shard's ``.caption``
   becomes the global prompt.
@@ -194,12 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "category)")
     source.add_argument("--shards", nargs="+",
                         help="PainterData shards (training/painterdata/captions.py output) or folders")
-    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--out_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N source items")
-    parser.add_argument("--min-area", type=float, default=0.01,
+    parser.add_argument("--min_area", type=float, default=0.01,
                         help="shards: smallest object area as a fraction of the image")
-    args = parser.parse_args(argv)
+    from training.cli import parse_args
+
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit {args.limit} must be >= 1")

@@ -334,7 +334,7 @@ class AestheticScorer:
         width = int(clip.model.config.projection_dim)
         if self.head.layers[0].in_features != width:
             raise ValueError(f"aesthetic head expects {self.head.layers[0].in_features}-d embeddings but the CLIP "
-                             f"model gives {width}-d; pass CLIP ViT-L/14 (768-d) with --aesthetic-clip")
+                             f"model gives {width}-d; pass CLIP ViT-L/14 (768-d) with --aesthetic_clip")
 
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -418,7 +418,7 @@ class LpipsScorer:
             import lpips
         except ImportError as error:
             raise RuntimeError("LPIPS needs the optional `lpips` package: `pip install lpips` (no other dependency "
-                               "changes), or drop --lpips-backbone") from error
+                               "changes), or drop --lpips_backbone") from error
         if net not in ("alex", "vgg", "squeeze"):
             raise ValueError(f"lpips net {net!r} is not one of alex, vgg, squeeze")
         self.device = torch.device(device)
@@ -432,7 +432,7 @@ class LpipsScorer:
             source = f"features.{match.group(1)}.{match.group(2)}" if match else name
             if source not in backbone:
                 raise ValueError(f"backbone file {str(backbone_path)!r} lacks {source!r}; pass the torchvision "
-                                 f"{net} state dict that matches --lpips-net {net}")
+                                 f"{net} state dict that matches --lpips_net {net}")
             mapped[name] = backbone[source]
         self.model.net.load_state_dict(mapped)
         self.model = self.model.to(self.device).eval()
@@ -462,7 +462,7 @@ class ImageRewardScorer:
     """ImageReward (Xu et al. 2023) through the optional ``image-reward`` package, from local files only.
 
     Why optional: ``image-reward`` pins an old transformers/timm, so it usually lives in its own virtual environment;
-    run ``training/painterbench/evaluate.py`` there with only ``--image-reward`` (plus the pixel metrics, which need
+    run ``training/painterbench/evaluate.py`` there with only ``--image_reward`` (plus the pixel metrics, which need
     no model) and
     join the CSVs with ``--merge``. Offline use needs the checkpoint (``ImageReward.pt``), its ``med_config.json``,
     and the ``bert-base-uncased`` tokenizer already in the Hugging Face cache with ``HF_HUB_OFFLINE=1``.
@@ -473,13 +473,13 @@ class ImageRewardScorer:
             import ImageReward as image_reward  # noqa: N813  (the package's module name)
         except ImportError as error:
             raise RuntimeError(
-                "--image-reward needs the optional `image-reward` package, which pins transformers/timm versions "
+                "--image_reward needs the optional `image-reward` package, which pins transformers/timm versions "
                 "this project does not use: create a separate venv (`pip install image-reward`), run "
-                "`python training/painterbench/evaluate.py ... --image-reward CKPT --image-reward-med-config JSON "
-                "--out-dir "
+                "`python training/painterbench/evaluate.py ... --image_reward CKPT --image_reward_med_config JSON "
+                "--out_dir "
                 "eval_ir` there, then `python training/painterbench/evaluate.py --merge eval/per_image.csv "
-                "eval_ir/per_image.csv --out-dir eval_all` here") from error
-        for path, flag in ((checkpoint, "--image-reward"), (med_config, "--image-reward-med-config")):
+                "eval_ir/per_image.csv --out_dir eval_all` here") from error
+        for path, flag in ((checkpoint, "--image_reward"), (med_config, "--image_reward_med_config")):
             if not Path(path).expanduser().is_file():
                 raise ValueError(f"{flag} file {str(path)!r} does not exist; pass the local file")
         self.model = image_reward.load(str(checkpoint), device=str(device), med_config=str(med_config))

@@ -55,6 +55,7 @@ __all__ = [
     "caption_objects",
     "process_shard",
     "process_shards",
+    "build_parser",
     "main",
 ]
 
@@ -327,7 +328,7 @@ def process_shards(shards: Sequence[str | Path], out_dir: str | Path, captioner:
     """Caption every shard (folders expanded to their ``*.tar``), skipping those already complete in ``out_dir``."""
     shard_paths = [Path(path) for path in list_shards(shards)]
     if any(Path(out_dir).resolve() == path.parent.resolve() for path in shard_paths):
-        raise ValueError(f"--out-dir {str(out_dir)!r} holds the input shards; write to another folder")
+        raise ValueError(f"--out_dir {str(out_dir)!r} holds the input shards; write to another folder")
     iterator: Any = shard_paths
     if progress:
         from tqdm import tqdm
@@ -336,27 +337,35 @@ def process_shards(shards: Sequence[str | Path], out_dir: str | Path, captioner:
     return [process_shard(path, out_dir, captioner, shortener, clip_filter) for path in iterator]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of the caption CLI (snake_case; the 0.1 kebab-case spellings still parse, with a warning)."""
     parser = argparse.ArgumentParser(description="PainterData: local captions for BrushData segmentation objects "
                                                  "(captioner → optional shortener → CLIP filter), resumable.")
     parser.add_argument("--shards", nargs="+", required=True, help="BrushData .tar shards or folders of them")
-    parser.add_argument("--out-dir", required=True, help="folder for the captioned shards (same file names)")
+    parser.add_argument("--out_dir", required=True, help="folder for the captioned shards (same file names)")
     parser.add_argument("--captioner", required=True, help="local vision-language model folder (image-to-text)")
-    parser.add_argument("--captioner-prompt", default=None,
+    parser.add_argument("--captioner_prompt", default=None,
                         help="prompt/prefix for the captioner (chat VLMs: the question; BLIP: e.g. 'a picture of')")
-    parser.add_argument("--captioner-max-new-tokens", type=int, default=40)
+    parser.add_argument("--captioner_max_new_tokens", type=int, default=40)
     parser.add_argument("--shortener", default=None, help="local causal LM folder that shortens captions (optional)")
-    parser.add_argument("--shortener-instruction", default=DEFAULT_SHORTEN_INSTRUCTION,
+    parser.add_argument("--shortener_instruction", default=DEFAULT_SHORTEN_INSTRUCTION,
                         help="prompt with a {caption} placeholder")
     parser.add_argument("--clip", default=None, help="local CLIPModel folder for the filter")
     parser.add_argument("--threshold", type=float, default=PAPER_CLIP_THRESHOLD, help="raw cosine (paper: 0.2)")
-    parser.add_argument("--no-clip-filter", action="store_true", help="keep every caption (no --clip needed)")
+    parser.add_argument("--no_clip_filter", action="store_true", help="keep every caption (no --clip needed)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    from training.cli import parse_args
+
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not args.clip and not args.no_clip_filter:
-        parser.error("the CLIP filter needs --clip (a local CLIPModel folder); pass --no-clip-filter to keep all")
+        parser.error("the CLIP filter needs --clip (a local CLIPModel folder); pass --no_clip_filter to keep all")
     try:
         captioner = TransformersCaptioner(args.captioner, args.device, args.captioner_prompt,
                                           args.captioner_max_new_tokens)

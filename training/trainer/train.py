@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags, layering an optional YAML config under them, and check their values."""
+    from training.cli import normalize_flags
+
     parser = build_parser()
+    argv = normalize_flags(parser, list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     if args.config:
         import yaml
