@@ -37,6 +37,8 @@ from training.painterbench.metrics import (  # noqa: E402
     crop_mask_region,
     grounding_hit,
     load_aesthetic_head,
+    normalize_phrase,
+    phrase_matches,
     mask_bbox,
     square_crop,
     unmasked_region_metrics,
@@ -196,6 +198,34 @@ def test_grounding_dino_scorer_applies_the_rule_to_its_detections(gdino_dir: Pat
     strict = GroundingDinoScorer(gdino_dir, box_threshold=1.0, text_threshold=1.0)
     assert strict.evaluate(image, "a red car", mask) == (False, 0.0)
     assert GroundingDinoScorer.query(" A Red Car ") == "a red car."
+
+
+
+def test_phrase_match_rule() -> None:
+    assert normalize_phrase("A red car.") == "red car" and normalize_phrase("[CLS] the  Red CAR") == "cls red car"
+    assert phrase_matches("red car", "a red car") and phrase_matches("a red car .", "A Red Car")
+    assert not phrase_matches("car", "a red car")  # found a car, not the red car asked for
+    assert not phrase_matches("red car blue", "a red car") and not phrase_matches("", "a")
+
+
+def test_gdino_paper_rule_detects_on_the_mask_crop_and_matches_the_phrase(gdino_dir: Path) -> None:
+    """The paper's rule (§4.1): the generated region is cut out by the mask, the detector runs on that crop with the
+    local prompt, and the item is a hit when a predicted phrase matches the prompt."""
+    image = noise_image(3)
+    mask = np.zeros((40, 48), np.float32)
+    mask[5:25, 20:44] = 1.0
+    scorer = GroundingDinoScorer(gdino_dir, box_threshold=0.0, text_threshold=0.0)
+    crop = image.crop(mask_bbox(mask))
+    assert crop.size == (24, 20)
+    on_crop = scorer.detect(crop, "a red car")
+    assert scorer.crop_hit(image, "a red car", mask) == any(phrase_matches(p, "a red car") for _, _, p in on_crop)
+    assert scorer.crop_hit(image, "a red car", mask)  # threshold 0: the whole prompt is every phrase
+    # the detector sees only the crop: painting outside the mask's box changes nothing
+    outside = np.asarray(image).copy()
+    outside[30:, :] = 0
+    assert scorer.detect(Image.fromarray(outside).crop(mask_bbox(mask)), "a red car") == on_crop
+    picky = GroundingDinoScorer(gdino_dir, box_threshold=0.0, text_threshold=1.0)  # no token passes: no phrase
+    assert not picky.crop_hit(image, "a red car", mask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -519,16 +549,18 @@ def test_evaluate_cli_columns_values_and_skips(clip_dir: Path, gdino_dir: Path, 
         reader = csv.DictReader(handle)
         rows = list(reader)
     assert reader.fieldnames == ["id", "mask_mode", "mask_area", "local_prompt", "global_prompt", "clip_sim",
-                                 "local_clip_sim", "aesthetic", "gdino_hit", "gdino_iou", "psnr", "mse"]
+                                 "clip_sim_global", "local_clip_sim", "aesthetic", "gdino_crop_hit", "psnr", "mse"]
     assert [r["id"] for r in rows] == [i.id for i in bench]
     assert float(rows[0]["psnr"]) == 100.0 and float(rows[0]["mse"]) == 0.0
     assert float(rows[1]["psnr"]) < 100.0 and float(rows[1]["mse"]) > 0.0
-    assert rows[0]["gdino_hit"] in ("0.0", "1.0")
+    # thresholds 0: every prompt token is in every phrase, so the paper's crop rule hits on every item
+    assert [r["gdino_crop_hit"] for r in rows] == ["1.0"] * 3
     gen0 = Image.open(generated / f"{bench[0].id}.png").convert("RGB")
     crop = crop_mask_region(gen0, bench[0].load_mask())
     assert float(rows[0]["local_clip_sim"]) == pytest.approx(100 * manual_cosine(clip_dir, crop, "a red car"),
                                                              abs=1e-3)
-    assert float(rows[0]["clip_sim"]) == pytest.approx(
+    assert float(rows[0]["clip_sim"]) == pytest.approx(100 * manual_cosine(clip_dir, gen0, "a red car"), abs=1e-3)
+    assert float(rows[0]["clip_sim_global"]) == pytest.approx(
         100 * manual_cosine(clip_dir, gen0, "a red car on the street"), abs=1e-3)
     with (out / "summary.csv").open() as handle:
         summary = list(csv.DictReader(handle))
@@ -559,6 +591,47 @@ class RepaintGenerator:
 
     def generate(self, item: evaluate.BenchItem) -> Image.Image:
         return item.load_image().resize((24, 20))
+
+
+def test_metric_suite_scores_the_local_prompt_by_default_and_both_gdino_rules(clip: ClipScorer, gdino_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    import dataclasses
+
+    bench_manifest.build_benchmark(bench_manifest.read_source_manifest(make_source(tmp_path, 1)), tmp_path / "b")
+    (item,) = evaluate.read_manifest(tmp_path / "b")
+    image, mask = item.load_image(), item.load_mask()
+    gdino = GroundingDinoScorer(gdino_dir, box_threshold=0.0, text_threshold=0.0)
+    both = evaluate.MetricSuite(gdino=gdino, gdino_rule="both", pixel_metrics=False)
+    assert both.columns() == ["gdino_crop_hit", "gdino_iou_hit", "gdino_iou"]
+    hit, iou = gdino.evaluate(image, item.local_prompt, mask)
+    assert both.score(item, image, image, mask) == {"gdino_crop_hit": float(gdino.crop_hit(image, item.local_prompt,
+                                                                                           mask)),
+                                                    "gdino_iou_hit": float(hit), "gdino_iou": iou}
+    assert evaluate.MetricSuite(gdino=gdino, gdino_rule="iou", pixel_metrics=False).columns() == ["gdino_iou_hit",
+                                                                                                  "gdino_iou"]
+    assert evaluate.MetricSuite(gdino=gdino).columns()[0] == "gdino_crop_hit"  # the paper's rule by default
+    with pytest.raises(ValueError, match="gdino_rule='box'"):
+        evaluate.MetricSuite(gdino_rule="box")
+
+    class PromptLog:
+        def __init__(self) -> None:
+            self.prompts: list[str] = []
+
+        def score(self, prompt: str, image: Image.Image) -> float:
+            self.prompts.append(prompt)
+            return float(len(prompt))
+
+    reward = PromptLog()
+    suite = evaluate.MetricSuite(clip=clip, image_reward=reward, pixel_metrics=False)
+    row = suite.score(item, image, image, mask)
+    assert row["clip_sim"] == pytest.approx(100 * float(clip.cosine([image], [item.local_prompt])[0]), abs=1e-4)
+    assert row["clip_sim_global"] == pytest.approx(100 * float(clip.cosine([image], [item.global_prompt])[0]),
+                                                   abs=1e-4)
+    assert reward.prompts == [item.local_prompt, item.global_prompt]
+    assert (row["image_reward"], row["image_reward_global"]) == (len(item.local_prompt), len(item.global_prompt))
+    local_only = suite.score(dataclasses.replace(item, global_prompt=""), image, image, mask)
+    assert math.isnan(local_only["clip_sim_global"]) and math.isnan(local_only["image_reward_global"])
+    assert local_only["clip_sim"] == pytest.approx(row["clip_sim"])
 
 
 def test_generator_protocol_and_resize(tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ __all__ = [
     "working_mask",
     "MetricSuite",
     "METRIC_COLUMNS",
+    "GDINO_RULES",
     "ITEM_COLUMNS",
     "evaluate",
     "summarize",
@@ -76,9 +77,15 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 #: Descriptive columns that start every per-image row.
 ITEM_COLUMNS: tuple[str, ...] = ("id", "mask_mode", "mask_area", "local_prompt", "global_prompt")
-#: Every metric column in output order; a run writes the subset its models allow.
-METRIC_COLUMNS: tuple[str, ...] = ("clip_sim", "local_clip_sim", "aesthetic", "image_reward", "gdino_hit",
-                                   "gdino_iou", "psnr", "mse", "lpips")
+#: Every metric column in output order; a run writes the subset its models and rules allow. Prompt-scored columns
+#: use the local prompt (PainterBench's prompts are local, paper §4.1); ``*_global`` score the item's global prompt
+#: (empty when it has none). ``gdino_crop_hit`` is the paper's Gdino rule, ``gdino_iou_hit``/``gdino_iou`` the
+#: whole-image IoU rule (see ``GroundingDinoScorer``).
+METRIC_COLUMNS: tuple[str, ...] = ("clip_sim", "clip_sim_global", "local_clip_sim", "aesthetic", "image_reward",
+                                   "image_reward_global", "gdino_crop_hit", "gdino_iou_hit", "gdino_iou", "psnr",
+                                   "mse", "lpips")
+#: ``--gdino_rule`` values: the paper's crop + phrase rule, the whole-image IoU rule, or both.
+GDINO_RULES: tuple[str, ...] = ("crop", "iou", "both")
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ class BenchItem:
 
     @property
     def clip_prompt(self) -> str:
-        """The prompt for whole-image scores: the global prompt, or the local one when the item has none."""
+        """The prompt a BrushNet-style generator is given: the global prompt, or the local one when there is none."""
         return self.global_prompt or self.local_prompt
 
 
@@ -352,34 +359,57 @@ class MetricSuite:
     lpips: LpipsScorer | None = None
     pixel_metrics: bool = True
     psnr_cap: float = PSNR_CAP_DB
+    gdino_rule: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.gdino_rule not in GDINO_RULES:
+            raise ValueError(f"gdino_rule={self.gdino_rule!r}: use one of {', '.join(GDINO_RULES)} (crop is the "
+                             "paper's rule)")
 
     def columns(self) -> list[str]:
         """The metric columns this suite fills, in :data:`METRIC_COLUMNS` order."""
+        crop = self.gdino is not None and self.gdino_rule in ("crop", "both")
+        iou = self.gdino is not None and self.gdino_rule in ("iou", "both")
         present = {
-            "clip_sim": self.clip is not None, "local_clip_sim": self.clip is not None,
-            "aesthetic": self.aesthetic is not None, "image_reward": self.image_reward is not None,
-            "gdino_hit": self.gdino is not None, "gdino_iou": self.gdino is not None,
+            "clip_sim": self.clip is not None, "clip_sim_global": self.clip is not None,
+            "local_clip_sim": self.clip is not None, "aesthetic": self.aesthetic is not None,
+            "image_reward": self.image_reward is not None, "image_reward_global": self.image_reward is not None,
+            "gdino_crop_hit": crop, "gdino_iou_hit": iou, "gdino_iou": iou,
             "psnr": self.pixel_metrics, "mse": self.pixel_metrics, "lpips": self.lpips is not None,
         }
         return [column for column in METRIC_COLUMNS if present[column]]
 
     def score(self, item: BenchItem, generated: Image.Image, reference: Image.Image,
               mask: np.ndarray) -> dict[str, float]:
-        """All metrics of one item. CLIP values are 100·cosine, as in the paper's tables."""
+        """All metrics of one item. CLIP values are 100·cosine, as in the paper's tables.
+
+        Prompt-scored metrics use the local prompt (paper §4.1); the ``*_global`` variants score the global prompt
+        and are NaN (an empty cell) for an item without one.
+        """
         row: dict[str, float] = {}
         if self.clip is not None:
             crop = crop_mask_region(generated, mask)
-            cosines = self.clip.cosine([generated, crop], [item.clip_prompt, item.local_prompt])
+            images, texts = [generated, crop], [item.local_prompt, item.local_prompt]
+            if item.global_prompt:
+                images.append(generated)
+                texts.append(item.global_prompt)
+            cosines = self.clip.cosine(images, texts)
             row["clip_sim"] = 100.0 * float(cosines[0])
             row["local_clip_sim"] = 100.0 * float(cosines[1])
+            row["clip_sim_global"] = 100.0 * float(cosines[2]) if item.global_prompt else math.nan
         if self.aesthetic is not None:
             row["aesthetic"] = float(self.aesthetic.score([generated])[0])
         if self.image_reward is not None:
-            row["image_reward"] = float(self.image_reward.score(item.clip_prompt, generated))
+            row["image_reward"] = float(self.image_reward.score(item.local_prompt, generated))
+            row["image_reward_global"] = (float(self.image_reward.score(item.global_prompt, generated))
+                                          if item.global_prompt else math.nan)
         if self.gdino is not None:
-            hit, iou = self.gdino.evaluate(generated, item.local_prompt, mask)
-            row["gdino_hit"] = float(hit)
-            row["gdino_iou"] = iou
+            if self.gdino_rule in ("crop", "both"):
+                row["gdino_crop_hit"] = float(self.gdino.crop_hit(generated, item.local_prompt, mask))
+            if self.gdino_rule in ("iou", "both"):
+                hit, iou = self.gdino.evaluate(generated, item.local_prompt, mask)
+                row["gdino_iou_hit"] = float(hit)
+                row["gdino_iou"] = iou
         if self.pixel_metrics:
             region = unmasked_region_metrics(generated, reference, mask, self.psnr_cap)
             row["psnr"] = region.psnr
@@ -466,6 +496,8 @@ def read_per_image_csv(path: str | Path) -> list[dict[str, Any]]:
     with source.open(encoding="utf-8", newline="") as handle:
         for record in csv.DictReader(handle):
             row: dict[str, Any] = {}
+            if "gdino_hit" in record:  # 0.1's name of the whole-image IoU rule's hit
+                record["gdino_iou_hit"] = record.pop("gdino_hit")
             for key, value in record.items():
                 if key in METRIC_COLUMNS or key == "mask_area":
                     row[key] = float(value) if value not in ("", None) else math.nan
@@ -478,7 +510,7 @@ def read_per_image_csv(path: str | Path) -> list[dict[str, Any]]:
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Means of every metric column: one row for ``all`` then one per mask kind (sorted), each with ``n`` items.
 
-    NaN cells (undefined metrics) are left out of a mean; ``gdino_hit``'s mean is the Gdino accuracy.
+    NaN cells (undefined metrics) are left out of a mean; ``gdino_crop_hit``'s mean is the paper's Gdino accuracy.
     """
     columns = _metric_columns_of(rows)
     groups: dict[str, list[dict[str, Any]]] = {"all": list(rows)}
@@ -564,7 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--gdino", help="GroundingDinoForObjectDetection folder (model + processor)")
     models.add_argument("--gdino_box_threshold", type=float, default=0.35)
     models.add_argument("--gdino_text_threshold", type=float, default=0.25)
-    models.add_argument("--gdino_iou", type=float, default=0.5, help="IoU with the mask box that makes a hit")
+    models.add_argument("--gdino_rule", choices=GDINO_RULES, default="crop",
+                        help="Gdino accuracy rule: crop = the paper's (detect on the mask's crop, hit when the predicted "
+                             "phrase matches the local prompt; column gdino_crop_hit), iou = detect on the whole image, "
+                             "hit when a box overlaps the mask's box (gdino_iou_hit, gdino_iou), both")
+    models.add_argument("--gdino_iou", type=float, default=0.5,
+                        help="with --gdino_rule iou/both: IoU with the mask box that makes a hit")
     models.add_argument("--lpips_backbone", help="torchvision state dict of the LPIPS backbone (needs `lpips` pkg)")
     models.add_argument("--lpips_net", default="alex", choices=("alex", "vgg", "squeeze"))
     models.add_argument("--psnr_cap", type=float, default=PSNR_CAP_DB, help="PSNR reported for identical regions")
@@ -634,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             gdino=(GroundingDinoScorer(args.gdino, args.device, args.gdino_box_threshold,
                                        args.gdino_text_threshold, args.gdino_iou) if args.gdino else None),
             lpips=LpipsScorer(args.lpips_backbone, args.lpips_net, args.device) if args.lpips_backbone else None,
-            pixel_metrics=not args.no_pixel_metrics, psnr_cap=args.psnr_cap)
+            pixel_metrics=not args.no_pixel_metrics, psnr_cap=args.psnr_cap, gdino_rule=args.gdino_rule)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
     if not suite.columns():

@@ -37,6 +37,8 @@ __all__ = [
     "unmasked_region_metrics",
     "box_iou",
     "grounding_hit",
+    "normalize_phrase",
+    "phrase_matches",
     "ClipScorer",
     "load_state_dict_file",
     "load_aesthetic_head",
@@ -180,6 +182,26 @@ def grounding_hit(boxes: Sequence[Sequence[float]], region: Sequence[float],
         raise ValueError(f"iou_threshold={iou_threshold} must be in (0, 1]; 0.5 is the documented default")
     best = max((box_iou(box, region) for box in boxes), default=0.0)
     return best >= iou_threshold, best
+
+
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+def normalize_phrase(text: str) -> str:
+    """Lower-case words without punctuation or articles: "A red car." → "red car"."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return " ".join(word for word in words if word not in _ARTICLES)
+
+
+def phrase_matches(phrase: str, prompt: str) -> bool:
+    """The paper's Gdino-accuracy test of one detection: is its predicted phrase consistent with the local prompt?
+
+    Rule (documented default): equal after :func:`normalize_phrase`. Why not "any detection": Grounding DINO's
+    phrase is made of the prompt tokens whose score passes the text threshold, so a detection of only "car" for
+    "a red car" found a car but not the *red* car the prompt asked for.
+    """
+    normalized = normalize_phrase(prompt)
+    return bool(normalized) and normalize_phrase(phrase) == normalized
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -346,13 +368,17 @@ _SPECIAL_TOKEN = re.compile(r"\[(CLS|SEP|PAD|UNK|MASK)\]")
 
 
 class GroundingDinoScorer:
-    """Grounding-DINO detections of the local prompt, and the Gdino-accuracy rule.
+    """Grounding-DINO detections of the local prompt, and the two Gdino-accuracy rules.
 
-    Rule (documented in the README): the **whole generated image** and the local prompt (lower-cased, ending in '.')
-    go to ``GroundingDinoForObjectDetection``; a detection counts when its box score >= ``box_threshold`` (0.35)
-    and its phrase — the prompt tokens scoring >= ``text_threshold`` (0.25), special tokens and '.' removed — is not
-    empty; the item is a hit when the best IoU of a counted box with the mask's bounding box is >= ``iou_threshold``
-    (0.5). Gdino Acc is the mean hit rate. The thresholds are the Grounding-DINO demo defaults.
+    A detection counts when its box score >= ``box_threshold`` (0.35) and its phrase — the prompt tokens scoring
+    >= ``text_threshold`` (0.25), special tokens and '.' removed — is not empty (the Grounding-DINO demo defaults);
+    the prompt goes in lower-cased, ending in '.'. Gdino Acc is the mean hit rate of a rule:
+
+    * :meth:`crop_hit` — the paper's rule (§4.1, the default): the generated region is cut out by the mask (its
+      bounding box; no square padding, the detector takes any aspect ratio), the detector runs on it with the local
+      prompt, and the item is a hit when a counted detection's phrase matches the prompt (:func:`phrase_matches`);
+    * :meth:`evaluate` — the whole-image rule (an option): the whole generated image goes in, and the item is a hit
+      when the best IoU of a counted box with the mask's bounding box is >= ``iou_threshold`` (0.5).
     """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", box_threshold: float = 0.35,
@@ -399,8 +425,13 @@ class GroundingDinoScorer:
                 detections.append((tuple(float(v) for v in box), float(score), " ".join(phrase.split())))
         return sorted(detections, key=lambda detection: -detection[1])
 
+    def crop_hit(self, image: Image.Image, prompt: str, mask: np.ndarray) -> bool:
+        """The paper's rule: does a detection on the mask's crop of ``image`` predict the local prompt's phrase?"""
+        crop = image.convert("RGB").crop(mask_bbox(mask))
+        return any(phrase_matches(phrase, prompt) for _, _, phrase in self.detect(crop, prompt))
+
     def evaluate(self, image: Image.Image, prompt: str, mask: np.ndarray) -> tuple[bool, float]:
-        """(hit, best IoU) of the local prompt's detections against the mask's bounding box."""
+        """The whole-image rule: (hit, best IoU) of the local prompt's detections against the mask's bounding box."""
         region = mask_bbox(mask)
         return grounding_hit([box for box, _, _ in self.detect(image, prompt)], region, self.iou_threshold)
 
