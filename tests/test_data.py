@@ -92,7 +92,7 @@ def test_brushdata_reader_decodes_and_skips_malformed(tmp_path):
     broken["segmentation"] = b'{"mask": [[1, 2, 3]]}'  # odd RLE
     samples["s100"] = broken
     shard = write_shard(tmp_path / "shard-000.tar", samples)
-    dataset = BrushDataShards(shard, (32, 48), mask_mode="segmentation", shuffle=False)
+    dataset = BrushDataShards(shard, (32, 48), mask_mode="segmentation", shuffle=False, caption_fallback="global")
     out = list(dataset)
     assert [s["key"] for s in out] == ["s000", "s001", "s002", "s003"]
     assert sum(dataset.skipped.values()) == 1 and dataset.skipped["MalformedSample"] == 1
@@ -105,8 +105,37 @@ def test_brushdata_reader_decodes_and_skips_malformed(tmp_path):
         assert matches, "mask is not one of the scene's objects"
         expected_prompt = {0: matches[0], 1: scene.objects[0][1], 2: scene.caption, 3: matches[0]}[index]
         assert sample["prompt"] == expected_prompt and sample["caption"] == scene.caption
+        assert sample["atal"] == (index != 2)  # the scene-caption fallback is never trained with ATAL
         image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 127.5 - 1
         torch.testing.assert_close(sample["pixel_values"], image)
+
+
+def test_brushdata_default_trains_only_objects_with_a_kept_local_caption(tmp_path):
+    """Paper §3.2: local prompts only. An object whose local caption is missing or was rejected (null) is never
+    chosen; a sample with no captioned object is skipped and counted, not trained on its scene caption."""
+    two = brush_members(3)  # synthetic_scene(3) has two objects
+    scene = synthetic_scene(3, seed=11, size=(32, 48))
+    assert len(scene.objects) == 2
+    two["local_caption"] = json.dumps([None, scene.objects[1][1]]).encode()  # the first was rejected by CLIP
+    samples = {"kept": two, "none": brush_members(6, local=None), "text": brush_members(7, local="text")}
+    shard = write_shard(tmp_path / "shard.tar", samples)
+    for seed in range(4):  # whatever the object draw, only the captioned object comes out
+        dataset = BrushDataShards(shard, (32, 48), mask_mode="segmentation", shuffle=False, seed=seed)
+        out = {s["key"]: s for s in dataset}
+        assert sorted(out) == ["kept", "text"] and dict(dataset.skipped) == {"NoLocalCaption": 1}
+        assert out["kept"]["prompt"] == scene.objects[1][1] and out["kept"]["atal"]
+        assert np.array_equal(out["kept"]["mask"][0].numpy(), scene.objects[1][0].astype(np.float32))
+    batch = collate_samples(list(out.values()))
+    assert batch["atal"].dtype == torch.bool and batch["atal"].tolist() == [True, True]
+    with pytest.raises(ValueError, match="caption_fallback 'scene'"):
+        BrushDataShards(shard, 32, caption_fallback="scene")
+
+
+def test_repeating_a_stream_with_no_usable_sample_fails_with_the_fix(tmp_path):
+    shard = write_shard(tmp_path / "plain.tar", {f"s{i}": brush_members(i, local=None) for i in range(2)})
+    stream = iter(BrushDataShards(shard, 32, repeat=True))
+    with pytest.raises(RuntimeError, match="--caption_fallback global"):
+        next(stream)
 
 
 def test_brushdata_missing_members_and_size_mismatch_are_skipped(tmp_path):
@@ -139,7 +168,8 @@ def test_brushdata_two_ranks_two_workers_cover_every_sample_once(tmp_path, num_s
         write_shard(tmp_path / f"{shard:05d}.tar", samples)
     pattern = str(tmp_path / f"{{00000..{num_shards - 1:05d}}}.tar")
     keys = _keys_over_ranks_and_workers(
-        lambda rank, world: BrushDataShards(pattern, 32, rank=rank, world_size=world, shuffle_buffer=4, seed=3))
+        lambda rank, world: BrushDataShards(pattern, 32, rank=rank, world_size=world, shuffle_buffer=4, seed=3,
+                                            caption_fallback="global"))
     assert Counter(keys) == Counter(expected)
 
 

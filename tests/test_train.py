@@ -64,6 +64,29 @@ def test_step0_of_a_fresh_branch_reproduces_the_base_prediction(sd15_run):
     assert torch.equal(got, expected)
 
 
+def test_samples_on_a_fallback_scene_caption_get_no_atal(sd15_run):
+    """--caption_fallback global trains an object without a local caption on the scene caption, but with ATAL off
+    for that sample: its L_ATAL is exactly the one of the batch without it."""
+    from painternet_core.atal import ATALRecorder, install_atal_processors
+
+    _, result = sd15_run
+    base = result.base
+    branch = PainterNetBranch.from_unet(base.unet)
+    recorder = ATALRecorder()
+    install_atal_processors(branch, recorder)
+    batch = _batch()
+
+    def l_atal(atal: list[bool]) -> float:
+        out = compute_loss(base, branch, {**batch, "atal": torch.tensor(atal)}, step_generator(0, 0, 0,
+                           torch.device("cpu")), config=branch.config, weight_dtype=torch.float32,
+                           recorder=recorder, beta=1e-5, prompt_dropout=0.0)
+        return float(out.l_atal)
+
+    both, first, none = l_atal([True, True]), l_atal([True, False]), l_atal([False, False])
+    assert both > 0 and first > 0 and none == 0.0
+    assert first != both
+
+
 def test_tiny_sd15_run_trains_only_the_branch(sd15_run):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -175,7 +198,7 @@ def test_cli_help_yaml_config_and_bad_values(tmp_path, capsys):
         train.parse_args(["--help"])
     help_text = capsys.readouterr().out
     for flag in ("--pretrained_model_name_or_path", "--resume_from_checkpoint", "--beta", "--no_atal", "--preset",
-                 "--use_8bit_adam", "--export_name", "--checkpoints_total_limit"):
+                 "--use_8bit_adam", "--export_name", "--checkpoints_total_limit", "--caption_fallback"):
         assert flag in help_text
     config = tmp_path / "c.yaml"
     config.write_text("preset: tiny-sd15\nlearning_rate: 0.002\nmax_train_steps: 7\n")

@@ -5,8 +5,10 @@ prompt):
 
 * ``pixel_values`` float32 (3, H, W) in [-1, 1]; ``mask`` float32 (1, H, W) in {0, 1}, **1 = hole** (DESIGN §2),
   drawn from the object's segmentation by ``painternet_core.masks`` (``paper_mix`` by default, paper Eq. 6);
-* ``prompt``: the object's local caption when there is one (paper §3.2 uses local prompts), else the global caption;
-  ``caption``: the global caption. Prompt dropout is the training loop's job, so it can zero SDXL embeddings;
+* ``prompt``: the object's local caption (paper §3.2 trains on local prompts; see :class:`BrushDataShards` for
+  objects without one); ``caption``: the global caption; ``atal``: False when the prompt is a scene caption used as
+  a fallback, which excludes the sample from ATAL. Prompt dropout is the training loop's job (it zeroes SDXL
+  embeddings);
 * SDXL micro-conditioning from the *real* crop: ``original_size`` (H, W of the decoded image),
   ``crops_coords_top_left`` (top, left of the crop in the resized image, as diffusers' SDXL scripts define it) and
   ``target_size``.
@@ -218,12 +220,14 @@ class _SlotStream(IterableDataset):
         while True:
             shuffle_rng = np.random.default_rng([self.seed, epoch, slot, 7919])
             buffer: list[dict[str, Any]] = []
+            built = 0
             for record in self._units(epoch, slot, slots):
                 try:
                     sample = self._build(record, _sample_seed(self.seed, epoch, record["key"]))
                 except (MalformedSample, KeyError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as error:
                     self._skip(record.get("key", "?"), error)
                     continue
+                built += 1
                 if not self.shuffle:
                     yield sample
                     continue
@@ -236,6 +240,12 @@ class _SlotStream(IterableDataset):
                 logger.info("epoch %d slot %d/%d: skipped %s", epoch, slot, slots, dict(self.skipped))
             if not self.repeat:
                 return
+            if not built:  # repeating an epoch that yields nothing would spin forever
+                raise RuntimeError(
+                    f"rank×worker slot {slot}/{slots} got no usable sample in epoch {epoch} (skipped so far: "
+                    f"{dict(self.skipped) or 'none; it has no input'}); give every slot data (more shards or images "
+                    "than ranks × workers), caption the shards with training/painterdata/captions.py, or pass "
+                    "--caption_fallback global to train objects without a local caption on the scene caption")
             epoch += 1
 
 
@@ -265,7 +275,7 @@ class BrushDataShards(_SlotStream):
     """
 
     def __init__(self, shards: str | Path | Sequence[str | Path], resolution: Resolution, *,
-                 caption_fallback: str = "global", **kwargs: Any) -> None:
+                 caption_fallback: str = "skip", **kwargs: Any) -> None:
         super().__init__(resolution, **kwargs)
         if caption_fallback not in CAPTION_FALLBACKS:
             raise ValueError(f"caption_fallback {caption_fallback!r} is not one of {', '.join(CAPTION_FALLBACKS)}.")

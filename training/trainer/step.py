@@ -117,8 +117,11 @@ def compute_loss(
             raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; PainterNet trains "
                              "epsilon or v_prediction bases.")
 
-    # The ATAL map is only meaningful for samples whose prompt survived dropout and has actual tokens.
+    # The ATAL map is only meaningful for samples whose prompt survived dropout, has actual tokens and describes the
+    # hole (a scene caption used as a fallback does not: its tokens would be pulled into the hole).
     valid = ~dropped.to(device) & text.token_mask.any(dim=1)
+    if "atal" in batch:
+        valid = valid & torch.as_tensor(batch["atal"], dtype=torch.bool).to(device)
     with _maybe_record(recorder, text.token_mask):
         with autocast():
             residuals = branch(noisy, timesteps, text.hidden_states, condition, text.added_cond_kwargs)

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Square training resolution (multiple of 8). Default 512 SD1.5, 1024 SDXL, 64 tiny presets.")
     g.add_argument("--mask_mode", default="paper_mix", choices=["paper_mix", "segmentation", "box", "irregular"],
                    help="How the training hole is drawn from the object's segmentation (paper Eq. 6 mix default).")
+    g.add_argument("--caption_fallback", default="skip", choices=["skip", "global"],
+                   help="BrushData objects without a kept local caption: skip (paper §3.2: train only on local "
+                        "prompts; samples with none are skipped and counted) or global (train them on the scene "
+                        "caption, with ATAL off for those samples).")
     g.add_argument("--prompt_dropout", type=float, default=0.1,
                    help="Probability of dropping the prompt (SD1.5: empty prompt; SDXL: zeroed embeddings).")
     g.add_argument("--synthetic_samples", type=int, default=256, help="Size of the synthetic set used by --preset.")
@@ -189,7 +193,7 @@ def _build_dataset(args: argparse.Namespace, resolution: int, rank: int, world_s
         raise ValueError(f"--train_data {str(root)!r} is not a folder; pass a folder of .tar shards or of images.")
     shards = sorted(str(p) for p in root.rglob("*.tar"))
     if shards:
-        return BrushDataShards(shards, resolution, **common)
+        return BrushDataShards(shards, resolution, caption_fallback=args.caption_fallback, **common)
     return FolderDataset(root, resolution, **common)
 
 
