@@ -2,6 +2,7 @@
 branch, exact resume, crash-safe checkpoints under SIGKILL, an SDXL smoke run and export parity."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -115,15 +116,56 @@ def test_tiny_sd15_run_trains_only_the_branch(sd15_run):
     assert any((out / "logs").rglob("events.out.tfevents.*"))
 
 
-def test_resume_latest_continues_with_the_same_next_batch_loss(sd15_run, tmp_path):
+def test_every_checkpoint_holds_a_comfyui_loadable_branch_of_its_step(sd15_run):
+    """checkpoint-N/painternet.safetensors is the PainterNet-format branch at step N (what PainterNetLoader reads),
+    written inside the checkpoint folder before its atomic rename, equal to the trainer state saved next to it."""
+    from safetensors.torch import load_file
+
+    out, _ = sd15_run
+    state, config = load_branch(str(out / "checkpoint-2" / "painternet.safetensors"))
+    saved = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    assert config.family == "sd15" and set(state) == set(saved)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    final, _ = load_branch(str(out / "painternet.safetensors"))
+    assert any(not torch.equal(final[k], state[k]) for k in state)  # step 3 moved on from step 2
+
+
+def test_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):
+    from accelerate import Accelerator
+
+    from training.trainer.checkpoints import save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in range(1, 5):
+        save_checkpoint(accelerator, tmp_path, step, 2, lambda folder: (folder / "extra.txt").write_text(str(step)))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    assert (tmp_path / "checkpoint-4" / "extra.txt").read_text() == "4"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_latest_continues_with_the_same_next_batch_loss(sd15_run, tmp_path, monkeypatch):
     out, straight = sd15_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("validation", "logs", "painternet.safetensors"))
+    builds = [0]
+    build = SyntheticShapes._build
+
+    def counting_build(self, record, rng):
+        builds[0] += 1
+        return build(self, record, rng)
+
+    monkeypatch.setattr(SyntheticShapes, "_build", counting_build)
     resumed = train.main(["--preset", "tiny-sd15", "--output_dir", str(copy), "--max_train_steps", "3",
                           "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--resume_from_checkpoint",
                           "latest", *FAST])
+    monkeypatch.undo()
     assert resumed.resumed_from == copy / "checkpoint-2"
     assert sorted(resumed.losses) == [3]
+    # resumed by position: only the samples waiting in the shuffle buffer were rebuilt, never the consumed ones (the
+    # 256 synthetic records were all read into the 256-sample buffer before the first yield; 2 have been consumed)
+    position = json.loads((copy / "checkpoint-2" / "data_state_0.json").read_text())["positions"]["0"]
+    assert position["consumed"] == 256 and len(position["buffer"]) == 254 and builds == [254]
     assert resumed.losses[3]["l_diff"] == straight.losses[3]["l_diff"]
     assert resumed.losses[3]["l_atal"] == straight.losses[3]["l_atal"]
     a, b = straight.branch.state_dict(), resumed.branch.state_dict()

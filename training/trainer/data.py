@@ -157,6 +157,7 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "mask_kind": [s["mask_kind"] for s in samples],
         "key": [s["key"] for s in samples],
         "atal": torch.tensor([bool(s.get("atal", True)) for s in samples], dtype=torch.bool),
+        "position": [s.get("position") for s in samples],
     }
 
 
@@ -197,8 +198,30 @@ class _SlotStream(IterableDataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Start from ``epoch`` (changes shuffles and per-sample draws; used when resuming)."""
+        """Start from ``epoch`` (changes shuffles and per-sample draws)."""
         self.epoch = epoch
+
+    def resume(self, positions: dict[int, dict[str, Any]], rotation: int = 0) -> None:
+        """Continue each rank×worker slot right after the sample whose ``position`` is ``positions[slot]``.
+
+        Every sample carries ``position``: its slot and the slot's stream state after it (epoch, records read from
+        the epoch's input, the record numbers in the shuffle buffer, the shuffle generator's state). Resuming skips
+        the records already read **without building them** (no image decode, no mask drawing) and rebuilds only the
+        samples that were waiting in the shuffle buffer, so a resume at step 50k costs a buffer's worth of decodes,
+        not 50k batches. ``rotation``: a DataLoader hands batch i to worker i mod W, so after B consumed batches the
+        next one comes from worker B mod W; worker w of the new loader plays worker (w + rotation) mod W. Call
+        before iterating (DataLoader workers copy the dataset when they start).
+        """
+        self.start_positions = {int(slot): dict(position) for slot, position in positions.items()}
+        self.rotation = int(rotation)
+
+    def _slot(self) -> tuple[int, int]:
+        slot, slots = slot_info(self.rank, self.world_size)
+        workers = slots // self.world_size
+        rotation = getattr(self, "rotation", 0)
+        if rotation and workers > 1:
+            slot = (slot // workers) * workers + (slot % workers + rotation) % workers
+        return slot, slots
 
     def _units(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         """Raw records of this slot for one epoch (each with a ``key``); subclasses implement."""
@@ -214,28 +237,56 @@ class _SlotStream(IterableDataset):
         level = logging.WARNING if total <= 20 else logging.DEBUG
         logger.log(level, "skipping malformed sample %r (%s); %d skipped so far in this worker", key, error, total)
 
+    def _build_or_skip(self, record: dict[str, Any], epoch: int) -> dict[str, Any] | None:
+        try:
+            return self._build(record, _sample_seed(self.seed, epoch, record["key"]))
+        except (MalformedSample, KeyError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            self._skip(record.get("key", "?"), error)
+            return None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        slot, slots = slot_info(self.rank, self.world_size)
-        epoch = self.epoch
+        slot, slots = self._slot()
+        start = getattr(self, "start_positions", {}).get(slot)
+        epoch = int(start["epoch"]) if start else self.epoch
         while True:
             shuffle_rng = np.random.default_rng([self.seed, epoch, slot, 7919])
-            buffer: list[dict[str, Any]] = []
+            buffer: list[tuple[int, dict[str, Any]]] = []  # (record number in the epoch, sample)
             built = 0
-            for record in self._units(epoch, slot, slots):
-                try:
-                    sample = self._build(record, _sample_seed(self.seed, epoch, record["key"]))
-                except (MalformedSample, KeyError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as error:
-                    self._skip(record.get("key", "?"), error)
+            skip_to = -1
+            if start is not None:  # resume: restore the stream state without building what was consumed
+                skip_to = int(start["consumed"]) - 1
+                pending = [int(n) for n in start["buffer"]]
+                shuffle_rng.bit_generator.state = start["rng"]
+                waiting: dict[int, dict[str, Any]] = {}
+                start = None
+            else:
+                pending, waiting = [], {}
+            consumed = 0
+            for number, record in enumerate(self._units(epoch, slot, slots)):
+                consumed = number + 1
+                if number <= skip_to:
+                    if number in pending:
+                        sample = self._build_or_skip(record, epoch)
+                        if sample is not None:
+                            waiting[number] = sample
+                    if number == skip_to:
+                        buffer = [(n, waiting[n]) for n in pending if n in waiting]
+                    continue
+                sample = self._build_or_skip(record, epoch)
+                if sample is None:
                     continue
                 built += 1
                 if not self.shuffle:
-                    yield sample
+                    yield self._stamp(sample, slot, epoch, consumed, [], shuffle_rng)
                     continue
-                buffer.append(sample)
+                buffer.append((number, sample))
                 if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                    _, out = buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                    yield self._stamp(out, slot, epoch, consumed, [n for n, _ in buffer], shuffle_rng)
             while buffer:
-                yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                _, out = buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                built += 1
+                yield self._stamp(out, slot, epoch, consumed, [n for n, _ in buffer], shuffle_rng)
             if self.skipped:
                 logger.info("epoch %d slot %d/%d: skipped %s", epoch, slot, slots, dict(self.skipped))
             if not self.repeat:
@@ -247,6 +298,13 @@ class _SlotStream(IterableDataset):
                     "than ranks × workers), caption the shards with training/painterdata/captions.py, or pass "
                     "--caption_fallback global to train objects without a local caption on the scene caption")
             epoch += 1
+
+    @staticmethod
+    def _stamp(sample: dict[str, Any], slot: int, epoch: int, consumed: int, buffer: list[int],
+               rng: np.random.Generator) -> dict[str, Any]:
+        sample["position"] = {"slot": slot, "epoch": epoch, "consumed": consumed, "buffer": buffer,
+                              "rng": rng.bit_generator.state}
+        return sample
 
 
 def _split(items: Sequence[Any], epoch: int, seed: int, slot: int, slots: int, shuffle: bool) -> list[Any]:

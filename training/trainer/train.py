@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_atal", action="store_true", help="Train with L_diff only (ablation).")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--checkpointing_steps", type=int, default=500,
-                   help="Save the full training state (accelerate save_state) every N steps into "
-                        "OUTPUT_DIR/checkpoint-N (written atomically).")
+                   help="Save the full training state (accelerate save_state), every rank's data position and a "
+                        "ComfyUI-loadable EXPORT_NAME.safetensors every N steps into OUTPUT_DIR/checkpoint-N "
+                        "(written atomically).")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="A checkpoint-N folder, or 'latest' (the newest complete one in OUTPUT_DIR).")
@@ -280,13 +281,14 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     from painternet_core.branch import PainterNetBranch
     from painternet_core.checkpoint import load_branch, save_branch
     from training.inference import load_base_model
-    from training.trainer.checkpoints import checkpoint_step, remove_stale, resolve_resume, save_checkpoint
+    from training.trainer.checkpoints import (checkpoint_step, read_data_state, remove_stale, resolve_resume,
+                                              save_checkpoint, write_data_state)
     from training.trainer.data import collate_samples
     from training.trainer.step import step_generator, train_step
 
     output_dir = Path(args.output_dir)
-    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir),
-                                   total_limit=args.checkpoints_total_limit)
+    # No total_limit here: accelerate only prunes folders it named itself; save_checkpoint prunes ours.
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=None if args.report_to == "none" else args.report_to,
@@ -359,16 +361,41 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     # ---- resume ----------------------------------------------------------------------------------------------------
     global_step = 0
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
+    workers = max(1, args.dataloader_num_workers)
+    micro_step = 0
+    replay = 0
+    positions: dict[int, dict[str, Any]] = {}  # slot -> position after the last sample this rank consumed
     if resume is not None:
         accelerator.load_state(str(resume))
         global_step = checkpoint_step(resume)
+        micro_step = global_step * args.gradient_accumulation_steps
+        saved = read_data_state(resume, accelerator.process_index)
+        if saved is not None and saved.get("workers") == workers and saved.get("micro_batches") == micro_step:
+            # The next batch an uninterrupted run would see, without decoding what was consumed; noise, timesteps
+            # and dropout are seeded by micro-step (step_generator), so the step itself is the same too.
+            positions = {int(slot): value for slot, value in saved["positions"].items()}
+            dataset.resume(positions, rotation=micro_step % workers)
+        else:
+            replay = micro_step
+            logger.warning("%s has no data position for rank %d with %d DataLoader workers; replaying %d batches "
+                           "to reach the same data (slow at large steps)", resume, accelerator.process_index,
+                           workers, replay)
         logger.info("resumed from %s at step %d", resume, global_step)
     batches = _batches(loader, accelerator.device)
-    micro_step = global_step * args.gradient_accumulation_steps
-    # The data stream is a pure function of the seed, so skipping what was consumed gives the exact next batch an
-    # uninterrupted run would see (noise/timesteps/dropout are seeded by micro-step, see step_generator).
-    for _ in range(micro_step):
-        next(batches)
+    for _ in range(replay):  # the stream is a pure function of the seed: replaying reaches the same next batch
+        for position in next(batches)["position"]:
+            positions[position["slot"]] = position
+
+    export_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.export_dtype]
+
+    def checkpoint_extras(folder: Path) -> None:
+        """Every rank: its data position; the main process: the branch in the ComfyUI format (gathered on all)."""
+        write_data_state(folder, accelerator.process_index,
+                         {"micro_batches": micro_step, "workers": workers, "positions": positions})
+        state = accelerator.get_state_dict(branch)
+        if accelerator.is_main_process:
+            save_branch(str(folder / f"{args.export_name}.safetensors"),
+                        {k: v.to(export_dtype) for k, v in state.items()}, config)
 
     total = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("training %s branch: %d params, %d steps, %d samples/step, resolution %d, beta %s%s",
@@ -380,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     sums = torch.zeros(3, device=accelerator.device)
     while global_step < args.max_train_steps:
         batch = next(batches)
+        for position in batch["position"]:
+            positions[position["slot"]] = position
         generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
         out = train_step(base, branch, batch, generator, optimizer, config=config, weight_dtype=weight_dtype,
                          recorder=recorder, beta=args.beta, prompt_dropout=args.prompt_dropout,
@@ -401,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
         progress.update(1)
         progress.set_postfix(loss=f"{logs['loss']:.4f}", atal=f"{l_atal:.3g}")
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, checkpoint_extras)
         if validation is not None and global_step % args.validation_steps == 0:
             _run_validation(args, accelerator, base, branch, config, validation, global_step, weight_dtype)
     progress.close()
@@ -411,9 +440,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(branch)
     if accelerator.is_main_process:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.export_dtype]
         export = output_dir / f"{args.export_name}.safetensors"
-        save_branch(str(export), {k: v.to(dtype) for k, v in state.items()}, config)
+        save_branch(str(export), {k: v.to(export_dtype) for k, v in state.items()}, config)
         result.export_path = export
         logger.info("exported %s", export)
     accelerator.wait_for_everyone()
