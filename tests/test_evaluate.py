@@ -424,10 +424,15 @@ def test_caption_shards_end_to_end_and_resumable(clip: ClipScorer, tmp_path: Pat
         captions.process_shards([source], source, captioner, progress=False)
 
 
-def test_transformers_captioner_runs_a_local_blip(tmp_path: Path) -> None:
+BLIP_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "picture", "of", "red", "blue", "square"]
+
+
+def save_tiny_blip(tmp_path: Path) -> Path:
+    """A tiny random BLIP captioner (processor + model) saved to ``tmp_path``."""
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "picture", "of", "red", "blue", "square"]
+    words = BLIP_WORDS
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"), bos_token="[DEC]")
     BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
@@ -441,6 +446,12 @@ def test_transformers_captioner_runs_a_local_blip(tmp_path: Path) -> None:
         projection_dim=16)
     torch.manual_seed(0)
     BlipForConditionalGeneration(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_transformers_captioner_runs_a_local_blip(tmp_path: Path) -> None:
+    words = BLIP_WORDS
+    save_tiny_blip(tmp_path)
     captioner = captions.TransformersCaptioner(tmp_path, prompt="a picture of", max_new_tokens=5)
     assert isinstance(captioner, captions.Captioner)
     text = captioner.caption(noise_image(11))
@@ -868,3 +879,57 @@ def test_evaluate_cli_generates_with_a_branch(branch_files: Path, tmp_path: Path
                  ["--branch", str(branch_files / "branch.safetensors")]):
         with pytest.raises(SystemExit):
             evaluate.main(["--manifest", str(tmp_path / "bench"), "--out_dir", str(out), *argv])
+
+
+def torchrun(script: str, argv: list[str], log: Path) -> tuple[int, str]:
+    """``torchrun --standalone --nproc_per_node 2`` of a repository script on CPU (gloo), as the trainer's DDP test
+    launches it: output to a file (two chatty ranks never block on a pipe), the whole process group killed on a
+    timeout."""
+    import signal
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / script), *argv]
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return code, log.read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_captions_and_evaluation_spread_over_two_processes(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2` (CPU): each rank captions its own shards and scores its own items; the outputs
+    are byte-identical to a one-process run (shards) and the merged tables equal it, rows in manifest order."""
+    blip = save_tiny_blip(tmp_path / "blip")
+    source = tmp_path / "in"
+    source.mkdir()
+    for n in range(3):
+        write_shard(source / f"shard-{n:03d}.tar")
+    common = ["--shards", str(source), "--captioner", str(blip), "--captioner_max_new_tokens", "4",
+              "--no_clip_filter", "--no_progress"]
+    assert captions.main(common + ["--out_dir", str(tmp_path / "one")]) == 0
+    code, text = torchrun("training/painterdata/captions.py", common + ["--out_dir", str(tmp_path / "two")],
+                          tmp_path / "captions.log")
+    assert code == 0, text[-4000:]
+    assert "rank 0/2 captioned 2 shards" in text and "rank 1/2 captioned 1 shards" in text
+    one = sorted((tmp_path / "one").iterdir())
+    assert [p.name for p in one] == [f"shard-{n:03d}.tar" for n in range(3)]
+    for path in one:
+        assert (tmp_path / "two" / path.name).read_bytes() == path.read_bytes()
+    assert "3 shards captioned" in text
+
+    bench_manifest.build_benchmark(bench_manifest.read_source_manifest(make_source(tmp_path, 5)), tmp_path / "b")
+    argv = ["--manifest", str(tmp_path / "b"), "--generated", str(tmp_path / "b" / "images"), "--no_progress"]
+    assert evaluate.main(argv + ["--out_dir", str(tmp_path / "eval1")]) == 0
+    code, text = torchrun("training/painterbench/evaluate.py", argv + ["--out_dir", str(tmp_path / "eval2")],
+                          tmp_path / "evaluate.log")
+    assert code == 0, text[-4000:]
+    assert "rank 0/2 scored 3 items" in text and "rank 1/2 scored 2 items" in text
+    for name in ("per_image.csv", "summary.csv", "summary.md"):
+        assert (tmp_path / "eval2" / name).read_text() == (tmp_path / "eval1" / name).read_text()
+

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 logger = logging.getLogger("painternet.training")
 
-__all__ = ["DEPRECATED_UNTIL", "normalize_flags", "parse_args"]
+__all__ = ["DEPRECATED_UNTIL", "normalize_flags", "parse_args", "process_state", "rank_device", "gather_in_order"]
 
 #: The release that stops accepting the old ``--kebab-case`` spellings.
 DEPRECATED_UNTIL = "0.2"
@@ -40,6 +41,35 @@ def normalize_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> lis
             token = candidate + equals + value
         out.append(token)
     return out
+
+
+def process_state() -> Any:
+    """accelerate's ``PartialState``: rank and world size under ``accelerate launch`` / ``torchrun`` (one process,
+    rank 0, otherwise). Why accelerate and not torch.distributed directly: the same launch configs as the trainer
+    (multi-GPU, multi-node, CPU gloo) work unchanged."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState (unlike Accelerator) reads no ACCELERATE_USE_CPU; without an accelerator, ranks talk over gloo.
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
+def rank_device(device: str, state: Any) -> str:
+    """``--device cuda`` means this rank's own GPU when several processes run; other values are used as given."""
+    if device == "cuda" and state.num_processes > 1:
+        return f"cuda:{state.local_process_index}"
+    return device
+
+
+def gather_in_order(values: list[Any], state: Any, key: Callable[[Any], int]) -> list[Any]:
+    """Every rank's ``values`` on every rank, sorted by ``key`` (the input order), so the merged result does not
+    depend on the number of processes or on which rank finished first."""
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        values = gather_object(values)
+    return sorted(values, key=key)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

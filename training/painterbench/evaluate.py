@@ -420,8 +420,10 @@ class MetricSuite:
 
 
 def evaluate(items: Sequence[BenchItem], generator: Generator, suite: MetricSuite, limit: int | None = None,
-             skip_missing: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Score the first ``limit`` items; returns per-image rows (``ITEM_COLUMNS`` + the suite's columns).
+             skip_missing: bool = False, progress: bool = True, rank: int = 0,
+             world_size: int = 1) -> list[dict[str, Any]]:
+    """Score this process's share of the first ``limit`` items (rank r of ``world_size`` takes items r,
+    r + world_size, ...); returns per-image rows (``ITEM_COLUMNS`` + the suite's columns) in item order.
 
     A generated image whose size differs from the source is resized to the source size (Lanczos) so the pixel
     metrics compare the same pixels. With ``skip_missing`` an item the generator cannot produce
@@ -429,7 +431,10 @@ def evaluate(items: Sequence[BenchItem], generator: Generator, suite: MetricSuit
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be >= 1 (or None for all items)")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size} is invalid; need 0 <= rank < world_size")
     chosen = list(items)[:limit] if limit is not None else list(items)
+    chosen = chosen[rank::world_size]
     rows: list[dict[str, Any]] = []
     iterator: Iterable[BenchItem] = chosen
     if progress:
@@ -626,13 +631,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.cli import parse_args
+    """Evaluate (or merge); under ``accelerate launch`` / ``torchrun`` every process scores its own items and the main
+    process writes the merged tables, rows in manifest order."""
+    from training.cli import gather_in_order, parse_args, process_state, rank_device
 
     parser = build_parser()
     args = parse_args(parser, argv)
+    state = process_state()
+    args.device = rank_device(args.device, state)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out_dir = Path(args.out_dir)
     if args.merge:
+        if not state.is_main_process:  # one writer
+            return 0
         try:
             markdown = _write_outputs(merge_results(args.merge), out_dir, None)
         except ValueError as error:
@@ -676,8 +687,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     if not suite.columns():
         parser.error("no metric selected: give a model flag (e.g. --clip) or drop --no_pixel_metrics")
-    rows = evaluate(items, generator, suite, limit=args.limit, skip_missing=args.skip_missing,
-                    progress=not args.no_progress)
+    mine = evaluate(items, generator, suite, limit=args.limit, skip_missing=args.skip_missing,
+                    progress=not args.no_progress and state.is_local_main_process, rank=state.process_index,
+                    world_size=state.num_processes)
+    logger.info("rank %d/%d scored %d items", state.process_index, state.num_processes, len(mine))
+    order = {item.id: n for n, item in enumerate(items)}
+    rows = gather_in_order(mine, state, key=lambda row: order[row["id"]])
+    if not state.is_main_process:
+        return 0
     markdown = _write_outputs(rows, out_dir, suite.columns())
     print(markdown, end="")
     return 0

@@ -324,11 +324,16 @@ def _caption_sample(key: str, by_ext: dict[str, bytes], captioner: Captioner, sh
 
 def process_shards(shards: Sequence[str | Path], out_dir: str | Path, captioner: Captioner,
                    shortener: Shortener | None = None, clip_filter: ClipCaptionFilter | None = None,
-                   progress: bool = True) -> list[ShardStats]:
-    """Caption every shard (folders expanded to their ``*.tar``), skipping those already complete in ``out_dir``."""
+                   progress: bool = True, rank: int = 0, world_size: int = 1) -> list[ShardStats]:
+    """Caption this process's shards (folders expanded to their ``*.tar``; rank r of ``world_size`` takes shards
+    r, r + world_size, ...), skipping those already complete in ``out_dir``. Each output shard depends only on its
+    input shard, so the result is the same for any number of processes."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size} is invalid; need 0 <= rank < world_size")
     shard_paths = [Path(path) for path in list_shards(shards)]
     if any(Path(out_dir).resolve() == path.parent.resolve() for path in shard_paths):
         raise ValueError(f"--out_dir {str(out_dir)!r} holds the input shards; write to another folder")
+    shard_paths = shard_paths[rank::world_size]
     iterator: Any = shard_paths
     if progress:
         from tqdm import tqdm
@@ -359,10 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    from training.cli import parse_args
+    """Caption shards; under ``accelerate launch`` / ``torchrun`` every process takes its own shards and the main
+    process prints the merged summary."""
+    import dataclasses
 
+    from training.cli import gather_in_order, parse_args, process_state, rank_device
+
+    parser = build_parser()
     args = parse_args(parser, argv)
+    state = process_state()
+    args.device = rank_device(args.device, state)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not args.clip and not args.no_clip_filter:
         parser.error("the CLIP filter needs --clip (a local CLIPModel folder); pass --no_clip_filter to keep all")
@@ -373,10 +384,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                      if args.shortener else None)
         clip_filter = None if args.no_clip_filter else ClipCaptionFilter(ClipScorer(args.clip, args.device),
                                                                          args.threshold)
-        stats = process_shards(args.shards, args.out_dir, captioner, shortener, clip_filter,
-                               progress=not args.no_progress)
+        mine = process_shards(args.shards, args.out_dir, captioner, shortener, clip_filter,
+                              progress=not args.no_progress and state.is_local_main_process,
+                              rank=state.process_index, world_size=state.num_processes)
     except ValueError as error:
         parser.error(str(error))
+    order = {Path(path).name: n for n, path in enumerate(list_shards(args.shards))}
+    merged = gather_in_order([dataclasses.asdict(s) for s in mine], state, key=lambda s: order[s["shard"]])
+    logger.info("rank %d/%d captioned %d shards", state.process_index, state.num_processes, len(mine))
+    if not state.is_main_process:
+        return 0
+    stats = [ShardStats(**entry) for entry in merged]
     done = [s for s in stats if not s.skipped]
     print(f"{len(done)} shards captioned, {len(stats) - len(done)} already complete; "
           f"{sum(s.kept for s in done)}/{sum(s.objects for s in done)} object captions kept, "
