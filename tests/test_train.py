@@ -314,6 +314,11 @@ def test_two_process_ddp_run_keeps_the_lr_schedule_and_saves_every_rank(tmp_path
     assert "MULTI_CPU" in text and "Num processes: 2" in text
     checkpoint = out / "checkpoint-3"
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    # every rank's data position (its own slot), and the branch at step 3 in the ComfyUI format
+    for rank in (0, 1):
+        state = json.loads((checkpoint / f"data_state_{rank}.json").read_text())
+        assert state["micro_batches"] == 3 and list(state["positions"]) == [str(rank)]
+    assert load_branch(str(checkpoint / "painternet.safetensors"))[1].family == "sd15"
     scheduler = torch.load(checkpoint / "scheduler.bin", weights_only=True)
     # Linear warm-up 2, decay to 0 at step 4: after 3 optimizer steps the factor is 0.5 on every process count;
     # the prepared scheduler stepped once per process per optimizer step (3 x 2).
