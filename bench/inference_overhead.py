@@ -1,6 +1,6 @@
 """Per-step sampling cost of PainterNet: base model vs base + branch, through ComfyUI's real sampler.
 
-For the SD1.5 and SDXL topologies (the small real-signature UNets of tests/models.py: real channel widths, heads,
+For the SD1.5 and SDXL topologies (the small real-signature UNets of harness/models.py: real channel widths, heads,
 context dims and transformer depths, fewer resolution levels) it samples with `comfy.sample.sample` in three settings:
 the base alone, the base with PainterNet over the full range, and with PainterNet `end_percent=0.5`. cfg > 1, so the
 cond and uncond halves both run (ComfyUI batches them into one model call per step). Settings are timed interleaved
@@ -18,7 +18,7 @@ the steadier ones.
 Memory: peak RSS of the process while each setting samples (sampled every 10 ms; it includes every resident weight,
 base and branch alike, since both stay loaded) on CPU; torch.cuda.max_memory_allocated per setting on CUDA.
 
-Test weights are deterministic random, generated into .cache/test-models on first use (see tests/models.py).
+Test weights are deterministic random, generated into .cache/test-models on first use (see harness/models.py).
 
 Usage: python bench/inference_overhead.py [--steps N] [--size 64] [--repeats R] [--device cpu|cuda]
 """
@@ -62,14 +62,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def setup_comfy(device: str) -> None:
-    """ComfyUI on sys.path via the test harness; it forces the CPU, which --device cuda undoes before
+    """ComfyUI on sys.path (``harness.use_comfyui``), on the CPU unless --device cuda, chosen before
     model_management is imported (that import picks the device once)."""
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import conftest  # noqa: F401  (puts REPO and ComfyUI on sys.path, sets args.cpu)
-    import comfy.cli_args
+    sys.path.insert(0, REPO)
+    from harness import use_comfyui
 
-    if device == "cuda":
-        comfy.cli_args.args.cpu = False
+    use_comfyui(cpu=device != "cuda")
     import comfy.model_management as mm
 
     if device == "cuda" and mm.get_torch_device().type != "cuda":
@@ -119,8 +117,8 @@ def build(family: str, args: argparse.Namespace) -> dict[str, Any]:
     import comfy.supported_models as sm
     import torch
 
-    from comfy_helpers import pack_module
-    from models import SD15_SMALL_UNET, SDXL_SMALL_UNET, branch_file, comfy_model
+    from harness.comfy_helpers import pack_module
+    from harness.models import SD15_SMALL_UNET, SDXL_SMALL_UNET, branch_file, comfy_model
 
     config_cls, unet_config = {"sd15": (sm.SD15, SD15_SMALL_UNET), "sdxl": (sm.SDXL, SDXL_SMALL_UNET)}[family]
     base = comfy_model(config_cls, unet_config)

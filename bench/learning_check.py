@@ -1,8 +1,8 @@
 """Learning check (issue 7): does the real trainer teach the branch the local prompt, and what do ACP and ATAL add?
 
-On the synthetic task of ``training/learning_task.py`` (64×64 flat-colour scenes, the prompt names the colour and the
+On the synthetic task of ``bench/learning_task.py`` (64×64 flat-colour scenes, the prompt names the colour and the
 shape of the object under the hole), for every seed: the tiny base is prepared (cached), then the branch is trained
-with ``training/train.py``'s ``main`` in the four settings of ``learning_task.SETTINGS`` — no branch (the
+with ``training/trainer/train.py``'s ``main`` in the four settings of ``learning_task.SETTINGS`` — no branch (the
 zero-initialised branch, i.e. the base with the known region pasted back), branch without ACP and ATAL, branch + ACP,
 branch + ACP + ATAL — and each is scored on the same held-out scenes (``evaluate_branch``: DDIM 20 steps, CFG 5):
 colour accuracy in the hole, the fraction of hole pixels in the prompt's colour, shape accuracy, preservation MSE of
@@ -27,15 +27,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.learning_task import (SETTINGS, PretrainSettings, evaluate_branch, held_out_samples,  # noqa: E402
-                                    prepare_base, train_setting, write_task_folder)
+from bench.learning_task import (SETTINGS, PretrainSettings, evaluate_branch, held_out_samples,  # noqa: E402
+                                 prepare_base, train_setting, write_task_folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(args: argparse.Namespace) -> None:
     from painternet_core.branch import PainterNetBranch
-    from training.step import load_base_model
+    from training.inference import load_base_model
 
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -124,16 +124,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Branch training/eval seeds.")
     parser.add_argument("--steps", type=int, default=300, help="Branch training steps per setting.")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=1e-2, help="ATAL weight (see learning_task's docstring).")
     parser.add_argument("--samples", type=int, default=24, help="Held-out scenes.")
-    parser.add_argument("--base-seed", type=int, default=0, help="Seed of the scenes and of the base pretraining.")
+    parser.add_argument("--base_seed", type=int, default=0, help="Seed of the scenes and of the base pretraining.")
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "learning_task"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", default=None, help="Write a PNG grid of held-out inpaintings here.")
-    parser.add_argument("--grid-rows", type=int, default=8)
-    run(parser.parse_args())
+    parser.add_argument("--grid_rows", type=int, default=8)
+    from training.cli import parse_args
+
+    run(parse_args(parser, None))
 
 
 if __name__ == "__main__":

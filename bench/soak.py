@@ -1,4 +1,5 @@
-"""Soak bench: the reliability soak of tests/test_reliability.py with the full prompt count, printing the server's
+"""Soak bench: the reliability soak (harness/soak.py, which tests/test_reliability.py runs briefly) with the full
+prompt count, printing the server's
 memory after every prompt so the curve can be looked at.
 
 A real ComfyUI `main.py` server (CPU by default) runs N prompts with varying seeds, masks and scales, a checkpoint
@@ -22,12 +23,12 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, REPO)
 
-import conftest  # noqa: E402,F401  (ComfyUI and the pack on sys.path, as in the tests)
-from server_harness import SERVER_ENV  # noqa: E402
-from test_reliability import (  # noqa: E402
-    BASELINE_PROMPTS, RSS_MARGIN_BYTES, SoakRecord, run_soak, setup_server, soak_plan, soak_problems)
+from harness import use_comfyui  # noqa: E402
+from harness.server import SERVER_ENV  # noqa: E402
+from harness.soak import (BASELINE_PROMPTS, RSS_MARGIN_BYTES, SoakRecord, run_soak, server_rss,  # noqa: E402
+                          setup_server, soak_plan, soak_problems)
 
 MIB = 2**20
 
@@ -53,6 +54,7 @@ def main() -> int:
     parser.add_argument("--save", help="also write the output to this file")
     parser.add_argument("--keep", action="store_true", help="keep the server's base folder (log, outputs)")
     args = parser.parse_args()
+    use_comfyui(cpu=True)  # in-process ComfyUI only builds the test checkpoints; the server picks its own device
 
     out: list[str] = []
 
@@ -65,7 +67,7 @@ def main() -> int:
     plan = soak_plan(args.prompts)
     emit(f"soak: {args.prompts} prompts through ComfyUI main.py {'(GPU allowed)' if args.gpu else '--cpu'}; "
          f"reference RSS after prompt {BASELINE_PROMPTS}, margin {RSS_MARGIN_BYTES / MIB:.0f} MiB")
-    emit("server environment: " + " ".join(f"{k}={v}" for k, v in SERVER_ENV.items()) + " (tests/server_harness.py)")
+    emit("server environment: " + " ".join(f"{k}={v}" for k, v in SERVER_ENV.items()) + " (harness/server.py)")
     base = tempfile.mkdtemp(prefix="painternet-soak-")
     server = setup_server(base, cpu=not args.gpu)
     emit(f"server pid {server.process.pid}; RSS after start-up {server_rss_mib(server):.1f} MiB")
@@ -106,8 +108,6 @@ def main() -> int:
 
 
 def server_rss_mib(server) -> float:
-    from test_reliability import server_rss
-
     return server_rss(server) / MIB
 
 

@@ -6,7 +6,7 @@ beta*L_ATAL, backward, AdamW step) — the dominant cost; VAE and text encoding 
 left out. Memory is reported two ways: bytes saved for backward (counted with ``saved_tensors_hooks``, the same on any
 device) and, on CUDA, ``max_memory_allocated``.
 
-* CPU: tiny SD1.5-shaped models (training/tiny.py) at 64² — always runs.
+* CPU: tiny SD1.5-shaped models (``painternet_core.config.TINY_SD15_UNET``) at 64² — always runs.
 * CUDA (skipped cleanly without it): full-size SD1.5 UNet with random weights, 512², bs 1/2/4, bf16 frozen base,
   fp32 branch under bf16 autocast.
 

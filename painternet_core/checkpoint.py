@@ -175,7 +175,7 @@ def load_branch(path: str, check_keys: bool = True) -> tuple[dict[str, torch.Ten
         sample = sorted(tensors)[:3]
         raise ValueError(
             f"{path!r} is not a PainterNet or BrushNet checkpoint (no painternet_format metadata, no "
-            f"brushnet_down_blocks.* keys; first keys: {sample}). Export it with training/train.py or pick another file"
+            f"brushnet_down_blocks.* keys; first keys: {sample}). Export it with training/trainer/train.py or pick another file"
         )
     if check_keys:
         expected = expected_keys(config)

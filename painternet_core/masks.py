@@ -8,7 +8,7 @@ the exact object outline that segmentation masks leak (users paint coarse boxes 
 * ``irregular``: `m_seg` dilated with a kernel size and iteration count chosen from its coverage ratio
   ``r = area / (h * w)``, then random lines / circles / squares drawn from random non-zero points (Algorithm 1);
 * ``paper_mix``: Eq. 6, ``k ~ U[0, 1]``: box if ``k <= 0.25``, irregular if ``0.25 < k <= 0.75``, segmentation
-  otherwise.
+  otherwise; a box of the mix is a square with probability ``PAPER_MIX_SQUARE_SHARE`` ("rectangular or square").
 
 The only numbers the paper gives are Eq. 6's 0.25 and 0.75; they are used as given (`PAPER_BOX_MAX_K`,
 `PAPER_IRREGULAR_MAX_K`). Algorithm 1 names its steps (ratio bands -> kernel and iterations, number of drawings,
@@ -48,6 +48,10 @@ FLOAT_THRESHOLD = 0.5
 # Box expansion, per side, as a fraction of the box's own width (left/right) or height (top/bottom). The paper only
 # says "randomly expand"; up to 30 % per side gives boxes from tight to generous without swallowing the image.
 DEFAULT_BOX_EXPAND: tuple[float, float] = (0.0, 0.3)
+
+# Share of the paper mix's boxes that are squares. The paper says box masks are "rectangular or square" (§3.4) and
+# gives no proportion; half and half keeps both shapes common. A plain ``box`` mask stays rectangular (share 0).
+PAPER_MIX_SQUARE_SHARE = 0.5
 
 FloatRange = tuple[float, float]
 IntRange = tuple[int, int]
@@ -200,17 +204,21 @@ def segmentation_mask(seg: np.ndarray) -> np.ndarray:
 
 
 def box_mask(seg: np.ndarray, rng: np.random.Generator,
-             expand: FloatRange = DEFAULT_BOX_EXPAND) -> np.ndarray:
+             expand: FloatRange = DEFAULT_BOX_EXPAND, square_share: float = 0.0) -> np.ndarray:
     """m_box: the bounding box of the non-zero pixels, each side pushed out by a random fraction of the box size.
 
     Each of the four sides moves outwards independently by ``u * size`` pixels (rounded), ``u ~ U[expand]``, with
     size = box width for left/right and box height for top/bottom; the result is clipped to the image, so it is
-    always exactly one axis-aligned rectangle containing the original box. An empty segmentation has no box and
-    gives an empty mask (nothing to generate) without drawing from `rng`.
+    always exactly one axis-aligned rectangle containing the original box. With probability ``square_share`` (one
+    more draw, made only when the share is > 0) the rectangle becomes a square: its shorter side grows to the longer
+    one, centred, shifted inwards at an image border, and clipped only when the image itself is narrower. An empty
+    segmentation has no box and gives an empty mask (nothing to generate) without drawing from `rng`.
     """
     u8 = _as_binary_u8(seg)
     _check_rng(rng)
     _check_range("expand", expand, low=0.0)
+    if not 0.0 <= float(square_share) <= 1.0:
+        raise ValueError(f"square_share={square_share!r} must be a probability in [0, 1]")
     out = np.zeros(u8.shape, dtype=np.float32)
     x, y, bw, bh = cv2.boundingRect(u8)
     if bw == 0 or bh == 0:
@@ -221,8 +229,19 @@ def box_mask(seg: np.ndarray, rng: np.random.Generator,
     x1 = min(w, x + bw + int(round(right * bw)))
     y0 = max(0, y - int(round(top * bh)))
     y1 = min(h, y + bh + int(round(bottom * bh)))
+    if square_share > 0 and rng.random() < square_share:
+        y0, y1 = _grow_to(y0, y1, max(y1 - y0, x1 - x0), h)
+        x0, x1 = _grow_to(x0, x1, max(y1 - y0, x1 - x0), w)
     out[y0:y1, x0:x1] = 1.0
     return out
+
+
+def _grow_to(start: int, end: int, size: int, limit: int) -> tuple[int, int]:
+    """[start, end) grown to ``size`` (at most ``limit``) around its centre, shifted back inside [0, limit)."""
+    size = min(size, limit)
+    start -= (size - (end - start)) // 2
+    start = min(max(0, start), limit - size)
+    return start, start + size
 
 
 def _pick_band(params: IrregularMaskParams, ratio: float) -> DilationBand:
@@ -339,12 +358,16 @@ def paper_kind(k: float) -> str:
 
 
 def paper_mix_mask(seg: np.ndarray, rng: np.random.Generator, *, box_expand: FloatRange = DEFAULT_BOX_EXPAND,
-                   irregular: IrregularMaskParams | None = None) -> MixedMask:
-    """Eq. 6: draw k ~ U[0, 1) from `rng`, build the kind it selects and return it together with that kind."""
+                   irregular: IrregularMaskParams | None = None,
+                   square_share: float = PAPER_MIX_SQUARE_SHARE) -> MixedMask:
+    """Eq. 6: draw k ~ U[0, 1) from `rng`, build the kind it selects and return it together with that kind.
+
+    Boxes are "rectangular or square" (§3.4): ``square_share`` of them are squares (:data:`PAPER_MIX_SQUARE_SHARE`).
+    """
     _check_rng(rng)
     kind = paper_kind(float(rng.random()))
     if kind == "box":
-        return MixedMask(box_mask(seg, rng, box_expand), kind)
+        return MixedMask(box_mask(seg, rng, box_expand, square_share), kind)
     if kind == "irregular":
         return MixedMask(irregular_mask(seg, rng, irregular), kind)
     return MixedMask(segmentation_mask(seg), kind)
@@ -356,18 +379,20 @@ _IRREGULAR_FIELDS = frozenset(f.name for f in dataclasses.fields(IrregularMaskPa
 def generate_mask(seg: np.ndarray, mode: str, rng: np.random.Generator, **params: Any) -> np.ndarray:
     """One mask of `mode` ("segmentation", "box", "irregular", "paper_mix") from a 2-D segmentation.
 
-    Keyword parameters: `box_expand` (box and paper_mix), `irregular` (an `IrregularMaskParams`) and/or any of its
-    field names as overrides (irregular and paper_mix), e.g. ``generate_mask(seg, "irregular", rng, strokes=(2, 6))``.
+    Keyword parameters: `box_expand` (box and paper_mix), `square_share` (box: default 0, paper_mix: default
+    :data:`PAPER_MIX_SQUARE_SHARE`), `irregular` (an `IrregularMaskParams`) and/or any of its field names as
+    overrides (irregular and paper_mix), e.g. ``generate_mask(seg, "irregular", rng, strokes=(2, 6))``.
     Parameters a mode does not use are accepted and ignored, so one parameter set can serve every mode.
     """
     if mode not in MASK_MODES:
         raise ValueError(f"unknown mask mode {mode!r}; use one of {', '.join(MASK_MODES)}")
     _check_rng(rng)
-    unknown = sorted(set(params) - _IRREGULAR_FIELDS - {"box_expand", "irregular"})
+    unknown = sorted(set(params) - _IRREGULAR_FIELDS - {"box_expand", "irregular", "square_share"})
     if unknown:
-        raise ValueError(f"unknown mask parameter(s) {', '.join(unknown)}; use box_expand, irregular or one of "
-                         f"{', '.join(sorted(_IRREGULAR_FIELDS))}")
+        raise ValueError(f"unknown mask parameter(s) {', '.join(unknown)}; use box_expand, square_share, irregular "
+                         f"or one of {', '.join(sorted(_IRREGULAR_FIELDS))}")
     box_expand = params.pop("box_expand", DEFAULT_BOX_EXPAND)
+    square_share = params.pop("square_share", PAPER_MIX_SQUARE_SHARE if mode == "paper_mix" else 0.0)
     irregular = params.pop("irregular", None) or IrregularMaskParams()
     if not isinstance(irregular, IrregularMaskParams):
         raise TypeError(f"irregular must be an IrregularMaskParams, got {type(irregular).__name__}")
@@ -376,7 +401,7 @@ def generate_mask(seg: np.ndarray, mode: str, rng: np.random.Generator, **params
     if mode == "segmentation":
         return segmentation_mask(seg)
     if mode == "box":
-        return box_mask(seg, rng, box_expand)
+        return box_mask(seg, rng, box_expand, square_share)
     if mode == "irregular":
         return irregular_mask(seg, rng, irregular)
-    return paper_mix_mask(seg, rng, box_expand=box_expand, irregular=irregular).mask
+    return paper_mix_mask(seg, rng, box_expand=box_expand, irregular=irregular, square_share=square_share).mask

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from painternet_core.atal import (ATALAttnProcessor, ATALRecorder, actual_token_mask, atal_loss, infer_map_size,
                                   install_atal_processors, token_mean_attention, tokenize_with_token_mask)
-from training.tiny import tiny_clip_tokenizer, tiny_sd15_components
+from training.trainer.presets import tiny_clip_tokenizer, tiny_sd15_components
 
 
 def explicit_token_mean(query: torch.Tensor, key: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -239,7 +239,7 @@ def test_atal_through_the_painternet_branch_sdxl_with_block_checkpointing(tmp_pa
     """End to end on the real branch (SDXL-shaped tiny): every attn2 is recorded at its own resolution and the ATAL
     gradient reaches the branch identically with diffusers' (non-reentrant) block checkpointing on."""
     from painternet_core.branch import PainterNetBranch
-    from training.tiny import tiny_sdxl_components
+    from training.trainer.presets import tiny_sdxl_components
 
     parts = tiny_sdxl_components(tmp_path)
     gen = torch.Generator().manual_seed(4)

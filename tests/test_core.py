@@ -1,15 +1,12 @@
-"""Tier 1: config, control layout, checkpoint format and condition preparation; plus the room boundaries."""
+"""Tier 1: config, control layout, checkpoint format and condition preparation (room boundaries: test_rooms.py)."""
 from __future__ import annotations
 
-import ast
 import json
-import os
 import struct
 
 import pytest
 import torch
 
-from conftest import REPO
 from painternet_core.branch import PainterNetBranch
 from painternet_core.checkpoint import load_branch, save_branch
 from painternet_core.conditioning import latent_mask, normalize_mask, prepare_condition
@@ -156,26 +153,6 @@ def test_prepare_condition_fill_resize_and_polarity():
     assert torch.equal(latent_mask(mask[:, None], (4, 4), known), 1 - latent_mask(mask[:, None], (4, 4), config))
     with pytest.raises(ValueError, match="NaN"):
         prepare_condition(torch.full((1, 3, 16, 16), float("nan")), mask, encode, config)
-
-
-def _imports(folder: str) -> set[str]:
-    names = set()
-    for root, _, files in os.walk(os.path.join(REPO, folder)):
-        for f in files:
-            if f.endswith(".py"):
-                tree = ast.parse(open(os.path.join(root, f), encoding="utf-8").read())
-                for node in ast.walk(tree):
-                    if isinstance(node, ast.Import):
-                        names |= {a.name.split(".")[0] for a in node.names}
-                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                        names.add(node.module.split(".")[0])
-    return names
-
-
-def test_rooms_do_not_cross():
-    assert not _imports("painternet_core") & {"comfy", "nodes", "training", "folder_paths", "comfy_extras"}
-    assert "training" not in _imports("nodes")
-    assert not _imports("training") & {"comfy", "nodes", "folder_paths"}
 
 
 def test_crop_to_multiple_and_empty_mask():

@@ -13,9 +13,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from training.data import (BrushDataShards, FolderDataset, MalformedSample, SyntheticShapes, collate_samples,
-                           prepare_sample, rle_decode, sdxl_time_ids, synthetic_scene)
-from training.tiny import TINY_WORDS
+from training.inference import sdxl_time_ids
+from training.painterdata.shards import MalformedSample, rle_decode
+from training.trainer.data import (BrushDataShards, FolderDataset, SyntheticShapes, collate_samples, prepare_sample,
+                                   synthetic_scene)
+from training.trainer.presets import TINY_WORDS
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -90,7 +92,7 @@ def test_brushdata_reader_decodes_and_skips_malformed(tmp_path):
     broken["segmentation"] = b'{"mask": [[1, 2, 3]]}'  # odd RLE
     samples["s100"] = broken
     shard = write_shard(tmp_path / "shard-000.tar", samples)
-    dataset = BrushDataShards(shard, (32, 48), mask_mode="segmentation", shuffle=False)
+    dataset = BrushDataShards(shard, (32, 48), mask_mode="segmentation", shuffle=False, caption_fallback="global")
     out = list(dataset)
     assert [s["key"] for s in out] == ["s000", "s001", "s002", "s003"]
     assert sum(dataset.skipped.values()) == 1 and dataset.skipped["MalformedSample"] == 1
@@ -103,8 +105,37 @@ def test_brushdata_reader_decodes_and_skips_malformed(tmp_path):
         assert matches, "mask is not one of the scene's objects"
         expected_prompt = {0: matches[0], 1: scene.objects[0][1], 2: scene.caption, 3: matches[0]}[index]
         assert sample["prompt"] == expected_prompt and sample["caption"] == scene.caption
+        assert sample["atal"] == (index != 2)  # the scene-caption fallback is never trained with ATAL
         image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 127.5 - 1
         torch.testing.assert_close(sample["pixel_values"], image)
+
+
+def test_brushdata_default_trains_only_objects_with_a_kept_local_caption(tmp_path):
+    """Paper §3.2: local prompts only. An object whose local caption is missing or was rejected (null) is never
+    chosen; a sample with no captioned object is skipped and counted, not trained on its scene caption."""
+    two = brush_members(3)  # synthetic_scene(3) has two objects
+    scene = synthetic_scene(3, seed=11, size=(32, 48))
+    assert len(scene.objects) == 2
+    two["local_caption"] = json.dumps([None, scene.objects[1][1]]).encode()  # the first was rejected by CLIP
+    samples = {"kept": two, "none": brush_members(6, local=None), "text": brush_members(7, local="text")}
+    shard = write_shard(tmp_path / "shard.tar", samples)
+    for seed in range(4):  # whatever the object draw, only the captioned object comes out
+        dataset = BrushDataShards(shard, (32, 48), mask_mode="segmentation", shuffle=False, seed=seed)
+        out = {s["key"]: s for s in dataset}
+        assert sorted(out) == ["kept", "text"] and dict(dataset.skipped) == {"NoLocalCaption": 1}
+        assert out["kept"]["prompt"] == scene.objects[1][1] and out["kept"]["atal"]
+        assert np.array_equal(out["kept"]["mask"][0].numpy(), scene.objects[1][0].astype(np.float32))
+    batch = collate_samples(list(out.values()))
+    assert batch["atal"].dtype == torch.bool and batch["atal"].tolist() == [True, True]
+    with pytest.raises(ValueError, match="caption_fallback 'scene'"):
+        BrushDataShards(shard, 32, caption_fallback="scene")
+
+
+def test_repeating_a_stream_with_no_usable_sample_fails_with_the_fix(tmp_path):
+    shard = write_shard(tmp_path / "plain.tar", {f"s{i}": brush_members(i, local=None) for i in range(2)})
+    stream = iter(BrushDataShards(shard, 32, repeat=True))
+    with pytest.raises(RuntimeError, match="--caption_fallback global"):
+        next(stream)
 
 
 def test_brushdata_missing_members_and_size_mismatch_are_skipped(tmp_path):
@@ -137,8 +168,57 @@ def test_brushdata_two_ranks_two_workers_cover_every_sample_once(tmp_path, num_s
         write_shard(tmp_path / f"{shard:05d}.tar", samples)
     pattern = str(tmp_path / f"{{00000..{num_shards - 1:05d}}}.tar")
     keys = _keys_over_ranks_and_workers(
-        lambda rank, world: BrushDataShards(pattern, 32, rank=rank, world_size=world, shuffle_buffer=4, seed=3))
+        lambda rank, world: BrushDataShards(pattern, 32, rank=rank, world_size=world, shuffle_buffer=4, seed=3,
+                                            caption_fallback="global"))
     assert Counter(keys) == Counter(expected)
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+class CountingShapes(SyntheticShapes):
+    """SyntheticShapes that counts the samples it builds (scene drawing, crop, mask: the per-sample work)."""
+
+    builds = 0
+
+    def _build(self, record, rng):
+        type(self).builds += 1
+        return super()._build(record, rng)
+
+
+def test_resume_at_a_large_position_gives_the_next_samples_without_decoding_the_skipped_ones():
+    make = dict(length=300, resolution=32, seed=4, shuffle_buffer=16, repeat=True, image_size=(40, 48))
+    stream = iter(CountingShapes(**make))
+    consumed = [next(stream) for _ in range(1000)]  # past three epochs of 300
+    expected = [next(stream) for _ in range(12)]
+    position = consumed[-1]["position"]
+    assert position["epoch"] == 3 and len(position["buffer"]) == 15
+    CountingShapes.builds = 0
+    resumed = CountingShapes(**make)
+    resumed.resume({position["slot"]: position})
+    stream = iter(resumed)
+    got = [next(stream) for _ in range(12)]
+    assert [s["key"] for s in got] == [s["key"] for s in expected]
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["mask"], b["mask"])
+               for a, b in zip(got, expected))
+    # the 15 samples waiting in the shuffle buffer and the ones read since; none of the 1000 consumed
+    assert CountingShapes.builds <= 15 + 12
+
+
+def test_resume_with_dataloader_workers_continues_with_the_next_worker(tmp_path):
+    def loader(dataset):
+        return DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_samples)
+
+    make = dict(length=40, resolution=32, seed=2, shuffle_buffer=4, repeat=True, image_size=(40, 48))
+    straight = iter(loader(SyntheticShapes(**make)))
+    consumed = [next(straight) for _ in range(7)]  # odd: the next batch comes from worker 1
+    expected = [next(straight)["key"] for _ in range(4)]
+    positions = {}
+    for batch in consumed:
+        for position in batch["position"]:
+            positions[position["slot"]] = position
+    resumed = SyntheticShapes(**make)
+    resumed.resume(positions, rotation=7 % 2)
+    again = iter(loader(resumed))
+    assert [next(again)["key"] for _ in range(4)] == expected
 
 
 # ------------------------------------------------------------------------------------------------------ folder

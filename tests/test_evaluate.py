@@ -1,7 +1,7 @@
 """PainterBench evaluation, the PainterData caption pipeline and the benchmark builder, on tiny random models.
 
 Every model is built from a tiny config and saved to a temp folder (CLIP with a real BPE tokenizer written by
-``training.tiny``, Grounding DINO with a tiny Swin + BERT, LAION-style aesthetic heads); expected values are computed
+``training.trainer.presets``, Grounding DINO with a tiny Swin + BERT, LAION-style aesthetic heads); expected values are computed
 independently of the code under test (manual CLIP forward, hand-computed MSE/PSNR, hand-placed crops).
 """
 from __future__ import annotations
@@ -25,8 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from training import bench_manifest, captions, evaluate  # noqa: E402
-from training.metrics import (  # noqa: E402
+from training.painterbench import evaluate  # noqa: E402
+from training.painterbench import manifest as bench_manifest  # noqa: E402
+from training.painterdata import captions, shards  # noqa: E402
+from training.painterbench.metrics import (  # noqa: E402
     PSNR_CAP_DB,
     AestheticScorer,
     ClipScorer,
@@ -35,11 +37,13 @@ from training.metrics import (  # noqa: E402
     crop_mask_region,
     grounding_hit,
     load_aesthetic_head,
+    normalize_phrase,
+    phrase_matches,
     mask_bbox,
     square_crop,
     unmasked_region_metrics,
 )
-from training.tiny import tiny_clip_tokenizer  # noqa: E402
+from training.trainer.presets import tiny_clip_tokenizer  # noqa: E402
 
 PROJECTION = 16
 
@@ -196,6 +200,34 @@ def test_grounding_dino_scorer_applies_the_rule_to_its_detections(gdino_dir: Pat
     assert GroundingDinoScorer.query(" A Red Car ") == "a red car."
 
 
+
+def test_phrase_match_rule() -> None:
+    assert normalize_phrase("A red car.") == "red car" and normalize_phrase("[CLS] the  Red CAR") == "cls red car"
+    assert phrase_matches("red car", "a red car") and phrase_matches("a red car .", "A Red Car")
+    assert not phrase_matches("car", "a red car")  # found a car, not the red car asked for
+    assert not phrase_matches("red car blue", "a red car") and not phrase_matches("", "a")
+
+
+def test_gdino_paper_rule_detects_on_the_mask_crop_and_matches_the_phrase(gdino_dir: Path) -> None:
+    """The paper's rule (§4.1): the generated region is cut out by the mask, the detector runs on that crop with the
+    local prompt, and the item is a hit when a predicted phrase matches the prompt."""
+    image = noise_image(3)
+    mask = np.zeros((40, 48), np.float32)
+    mask[5:25, 20:44] = 1.0
+    scorer = GroundingDinoScorer(gdino_dir, box_threshold=0.0, text_threshold=0.0)
+    crop = image.crop(mask_bbox(mask))
+    assert crop.size == (24, 20)
+    on_crop = scorer.detect(crop, "a red car")
+    assert scorer.crop_hit(image, "a red car", mask) == any(phrase_matches(p, "a red car") for _, _, p in on_crop)
+    assert scorer.crop_hit(image, "a red car", mask)  # threshold 0: the whole prompt is every phrase
+    # the detector sees only the crop: painting outside the mask's box changes nothing
+    outside = np.asarray(image).copy()
+    outside[30:, :] = 0
+    assert scorer.detect(Image.fromarray(outside).crop(mask_bbox(mask)), "a red car") == on_crop
+    picky = GroundingDinoScorer(gdino_dir, box_threshold=0.0, text_threshold=1.0)  # no token passes: no phrase
+    assert not picky.crop_hit(image, "a red car", mask)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # CLIP, aesthetic head, CLIP filter
 # ------------------------------------------------------------------------------------------------------------------
@@ -299,18 +331,18 @@ def encode_rle(mask: np.ndarray) -> list[int]:
 
 def test_decode_segmentation_column_major_one_based() -> None:
     payload = json.dumps({"mask": [[2, 2, 6, 1], "1 6", []]})
-    first, full, empty = captions.decode_segmentation(payload, 3, 2)
+    first, full, empty = shards.decode_segmentation(payload, 3, 2)
     # column-major cells 1, 2 and 5 (0-based): k -> (row k % 3, column k // 3)
     np.testing.assert_array_equal(first, np.array([[0, 0], [1, 0], [1, 1]], np.float32))
     assert first.dtype == np.float32 and full.all() and not empty.any()
     rng = np.random.default_rng(0)
     random_mask = (rng.random((7, 5)) > 0.5).astype(np.float32)
-    decoded = captions.decode_segmentation(json.dumps({"mask": [encode_rle(random_mask)]}), 7, 5)[0]
+    decoded = shards.decode_segmentation(json.dumps({"mask": [encode_rle(random_mask)]}), 7, 5)[0]
     np.testing.assert_array_equal(decoded, random_mask)
     with pytest.raises(ValueError):
-        captions.decode_segmentation(json.dumps({"mask": [[6, 2]]}), 3, 2)
+        shards.decode_segmentation(json.dumps({"mask": [[6, 2]]}), 3, 2)
     with pytest.raises(ValueError, match="mask"):
-        captions.decode_segmentation("[1, 2]", 3, 2)
+        shards.decode_segmentation("[1, 2]", 3, 2)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -392,10 +424,15 @@ def test_caption_shards_end_to_end_and_resumable(clip: ClipScorer, tmp_path: Pat
         captions.process_shards([source], source, captioner, progress=False)
 
 
-def test_transformers_captioner_runs_a_local_blip(tmp_path: Path) -> None:
+BLIP_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "picture", "of", "red", "blue", "square"]
+
+
+def save_tiny_blip(tmp_path: Path) -> Path:
+    """A tiny random BLIP captioner (processor + model) saved to ``tmp_path``."""
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "picture", "of", "red", "blue", "square"]
+    words = BLIP_WORDS
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"), bos_token="[DEC]")
     BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
@@ -409,6 +446,12 @@ def test_transformers_captioner_runs_a_local_blip(tmp_path: Path) -> None:
         projection_dim=16)
     torch.manual_seed(0)
     BlipForConditionalGeneration(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_transformers_captioner_runs_a_local_blip(tmp_path: Path) -> None:
+    words = BLIP_WORDS
+    save_tiny_blip(tmp_path)
     captioner = captions.TransformersCaptioner(tmp_path, prompt="a picture of", max_new_tokens=5)
     assert isinstance(captioner, captions.Captioner)
     text = captioner.caption(noise_image(11))
@@ -506,10 +549,10 @@ def test_evaluate_cli_columns_values_and_skips(clip_dir: Path, gdino_dir: Path, 
     torch.manual_seed(2)
     torch.save({"weight": torch.randn(1, PROJECTION), "bias": torch.zeros(1)}, tmp_path / "head.pth")
     out = tmp_path / "eval"
-    code = evaluate.main(["--manifest", str(tmp_path / "bench"), "--generated", str(generated), "--out-dir", str(out),
-                          "--clip", str(clip_dir), "--aesthetic-head", str(tmp_path / "head.pth"),
-                          "--gdino", str(gdino_dir), "--gdino-box-threshold", "0", "--gdino-text-threshold", "0",
-                          "--no-progress"])
+    code = evaluate.main(["--manifest", str(tmp_path / "bench"), "--generated", str(generated), "--out_dir", str(out),
+                          "--clip", str(clip_dir), "--aesthetic_head", str(tmp_path / "head.pth"),
+                          "--gdino", str(gdino_dir), "--gdino_box_threshold", "0", "--gdino_text_threshold", "0",
+                          "--no_progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert printed.startswith("| group | n | clip_sim |")
@@ -517,16 +560,18 @@ def test_evaluate_cli_columns_values_and_skips(clip_dir: Path, gdino_dir: Path, 
         reader = csv.DictReader(handle)
         rows = list(reader)
     assert reader.fieldnames == ["id", "mask_mode", "mask_area", "local_prompt", "global_prompt", "clip_sim",
-                                 "local_clip_sim", "aesthetic", "gdino_hit", "gdino_iou", "psnr", "mse"]
+                                 "clip_sim_global", "local_clip_sim", "aesthetic", "gdino_crop_hit", "psnr", "mse"]
     assert [r["id"] for r in rows] == [i.id for i in bench]
     assert float(rows[0]["psnr"]) == 100.0 and float(rows[0]["mse"]) == 0.0
     assert float(rows[1]["psnr"]) < 100.0 and float(rows[1]["mse"]) > 0.0
-    assert rows[0]["gdino_hit"] in ("0.0", "1.0")
+    # thresholds 0: every prompt token is in every phrase, so the paper's crop rule hits on every item
+    assert [r["gdino_crop_hit"] for r in rows] == ["1.0"] * 3
     gen0 = Image.open(generated / f"{bench[0].id}.png").convert("RGB")
     crop = crop_mask_region(gen0, bench[0].load_mask())
     assert float(rows[0]["local_clip_sim"]) == pytest.approx(100 * manual_cosine(clip_dir, crop, "a red car"),
                                                              abs=1e-3)
-    assert float(rows[0]["clip_sim"]) == pytest.approx(
+    assert float(rows[0]["clip_sim"]) == pytest.approx(100 * manual_cosine(clip_dir, gen0, "a red car"), abs=1e-3)
+    assert float(rows[0]["clip_sim_global"]) == pytest.approx(
         100 * manual_cosine(clip_dir, gen0, "a red car on the street"), abs=1e-3)
     with (out / "summary.csv").open() as handle:
         summary = list(csv.DictReader(handle))
@@ -536,7 +581,7 @@ def test_evaluate_cli_columns_values_and_skips(clip_dir: Path, gdino_dir: Path, 
 
     pixels_only = tmp_path / "pixels"
     assert evaluate.main(["--manifest", str(tmp_path / "bench" / "manifest.jsonl"), "--generated", str(generated),
-                          "--out-dir", str(pixels_only), "--limit", "2", "--no-progress"]) == 0
+                          "--out_dir", str(pixels_only), "--limit", "2", "--no_progress"]) == 0
     with (pixels_only / "per_image.csv").open() as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == ["id", "mask_mode", "mask_area", "local_prompt", "global_prompt", "psnr", "mse"]
@@ -559,6 +604,47 @@ class RepaintGenerator:
         return item.load_image().resize((24, 20))
 
 
+def test_metric_suite_scores_the_local_prompt_by_default_and_both_gdino_rules(clip: ClipScorer, gdino_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    import dataclasses
+
+    bench_manifest.build_benchmark(bench_manifest.read_source_manifest(make_source(tmp_path, 1)), tmp_path / "b")
+    (item,) = evaluate.read_manifest(tmp_path / "b")
+    image, mask = item.load_image(), item.load_mask()
+    gdino = GroundingDinoScorer(gdino_dir, box_threshold=0.0, text_threshold=0.0)
+    both = evaluate.MetricSuite(gdino=gdino, gdino_rule="both", pixel_metrics=False)
+    assert both.columns() == ["gdino_crop_hit", "gdino_iou_hit", "gdino_iou"]
+    hit, iou = gdino.evaluate(image, item.local_prompt, mask)
+    assert both.score(item, image, image, mask) == {"gdino_crop_hit": float(gdino.crop_hit(image, item.local_prompt,
+                                                                                           mask)),
+                                                    "gdino_iou_hit": float(hit), "gdino_iou": iou}
+    assert evaluate.MetricSuite(gdino=gdino, gdino_rule="iou", pixel_metrics=False).columns() == ["gdino_iou_hit",
+                                                                                                  "gdino_iou"]
+    assert evaluate.MetricSuite(gdino=gdino).columns()[0] == "gdino_crop_hit"  # the paper's rule by default
+    with pytest.raises(ValueError, match="gdino_rule='box'"):
+        evaluate.MetricSuite(gdino_rule="box")
+
+    class PromptLog:
+        def __init__(self) -> None:
+            self.prompts: list[str] = []
+
+        def score(self, prompt: str, image: Image.Image) -> float:
+            self.prompts.append(prompt)
+            return float(len(prompt))
+
+    reward = PromptLog()
+    suite = evaluate.MetricSuite(clip=clip, image_reward=reward, pixel_metrics=False)
+    row = suite.score(item, image, image, mask)
+    assert row["clip_sim"] == pytest.approx(100 * float(clip.cosine([image], [item.local_prompt])[0]), abs=1e-4)
+    assert row["clip_sim_global"] == pytest.approx(100 * float(clip.cosine([image], [item.global_prompt])[0]),
+                                                   abs=1e-4)
+    assert reward.prompts == [item.local_prompt, item.global_prompt]
+    assert (row["image_reward"], row["image_reward_global"]) == (len(item.local_prompt), len(item.global_prompt))
+    local_only = suite.score(dataclasses.replace(item, global_prompt=""), image, image, mask)
+    assert math.isnan(local_only["clip_sim_global"]) and math.isnan(local_only["image_reward_global"])
+    assert local_only["clip_sim"] == pytest.approx(row["clip_sim"])
+
+
 def test_generator_protocol_and_resize(tmp_path: Path) -> None:
     items = bench_manifest.read_source_manifest(make_source(tmp_path, 1))
     bench_manifest.build_benchmark(items, tmp_path / "bench", seed=0)
@@ -579,10 +665,10 @@ def test_image_reward_flag_errors_clearly_when_package_missing(tmp_path: Path) -
     bench_manifest.build_benchmark(items, tmp_path / "bench", seed=0)
     (tmp_path / "ir.pt").write_bytes(b"x")
     (tmp_path / "med.json").write_text("{}")
-    result = subprocess.run([sys.executable, str(REPO / "training" / "evaluate.py"), "--manifest",
-                             str(tmp_path / "bench"), "--generated", str(tmp_path / "bench" / "images"), "--out-dir",
-                             str(tmp_path / "out"), "--image-reward", str(tmp_path / "ir.pt"),
-                             "--image-reward-med-config", str(tmp_path / "med.json")],
+    result = subprocess.run([sys.executable, str(REPO / "training" / "painterbench" / "evaluate.py"), "--manifest",
+                             str(tmp_path / "bench"), "--generated", str(tmp_path / "bench" / "images"), "--out_dir",
+                             str(tmp_path / "out"), "--image_reward", str(tmp_path / "ir.pt"),
+                             "--image_reward_med_config", str(tmp_path / "med.json")],
                             capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 2
     assert "optional `image-reward` package" in result.stderr and "--merge" in result.stderr
@@ -594,8 +680,34 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
             module.main(["--help"])
         assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--gdino-iou", "--limit", "--device", "--threshold", "--captioner", "--seed"):
+    for flag in ("--gdino_iou", "--limit", "--device", "--threshold", "--captioner", "--seed"):
         assert flag in help_text
+
+
+
+def test_old_kebab_case_flags_still_work_with_a_deprecation_warning(tmp_path: Path) -> None:
+    """The four CLIs spell flags in snake_case; 0.1's --kebab-case spellings are accepted for one release, each with
+    a FutureWarning naming the new spelling (``--flag=value`` too), and give the same result."""
+    from training.cli import normalize_flags
+    from training.trainer import train
+
+    source = make_source(tmp_path, 2)
+    with pytest.warns(FutureWarning, match="--min-area is deprecated .* use --min_area"):
+        assert bench_manifest.main(["--source", str(source), "--out-dir", str(tmp_path / "old"),
+                                    "--min-area=0.02"]) == 0
+    bench_manifest.main(["--source", str(source), "--out_dir", str(tmp_path / "new")])
+    assert (tmp_path / "old" / "manifest.jsonl").read_text() == (tmp_path / "new" / "manifest.jsonl").read_text()
+    generated = tmp_path / "old" / "images"
+    with pytest.warns(FutureWarning, match="--no-progress"):
+        assert evaluate.main(["--manifest", str(tmp_path / "old"), "--generated", str(generated), "--out-dir",
+                              str(tmp_path / "eval"), "--no-progress"]) == 0
+    assert (tmp_path / "eval" / "per_image.csv").is_file()
+    parser = captions.build_parser()
+    with pytest.warns(FutureWarning, match="--captioner-prompt"):
+        argv = normalize_flags(parser, ["--captioner-prompt", "a picture of", "--", "--out-dir"])
+    assert argv == ["--captioner_prompt", "a picture of", "--", "--out-dir"]  # nothing after a bare --
+    with pytest.warns(FutureWarning, match="--train-batch-size"):
+        assert train.parse_args(["--preset", "tiny-sd15", "--train-batch-size", "3"]).train_batch_size == 3
 
 
 def test_manifest_errors_name_the_problem(tmp_path: Path) -> None:
@@ -620,7 +732,7 @@ def test_lpips_on_unmasked_region(tmp_path: Path) -> None:
     pytest.importorskip("lpips")
     import torchvision
 
-    from training.metrics import LpipsScorer
+    from training.painterbench.metrics import LpipsScorer
 
     torch.manual_seed(0)
     features = {k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")}
@@ -657,8 +769,8 @@ def branch_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     zero-initialised branch would leave the base alone and hide a branch that is not used)."""
     from painternet_core.branch import PainterNetBranch
     from painternet_core.checkpoint import save_branch
-    from training.step import load_base_model
-    from training.tiny import save_tiny_pipeline
+    from training.inference import load_base_model
+    from training.trainer.presets import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("branch-generator")
     save_tiny_pipeline(root / "base", "sd15", seed=0)
@@ -674,7 +786,7 @@ def branch_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_branch_generator_runs_the_reference_pipeline_and_keeps_the_source_outside_the_hole(
         branch_files: Path, tmp_path: Path) -> None:
-    from training.step import inpaint
+    from training.inference import inpaint
 
     generator = evaluate.BranchGenerator(branch_files / "branch.safetensors", branch_files / "base", steps=2, seed=3,
                                          resolution=64, save_dir=tmp_path / "generated")
@@ -754,8 +866,8 @@ def test_evaluate_cli_generates_with_a_branch(branch_files: Path, tmp_path: Path
     out, generated = tmp_path / "eval", tmp_path / "generated"
     assert evaluate.main(["--manifest", str(tmp_path / "bench"), "--branch", str(branch_files / "branch.safetensors"),
                           "--base", str(branch_files / "base"), "--steps", "1", "--resolution", "64",
-                          "--save-generated", str(generated),
-                          "--out-dir", str(out), "--no-progress"]) == 0
+                          "--save_generated", str(generated),
+                          "--out_dir", str(out), "--no_progress"]) == 0
     with (out / "per_image.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     ids = [item.id for item in evaluate.read_manifest(tmp_path / "bench")]
@@ -766,4 +878,58 @@ def test_evaluate_cli_generates_with_a_branch(branch_files: Path, tmp_path: Path
                   "--base", str(branch_files / "base")],
                  ["--branch", str(branch_files / "branch.safetensors")]):
         with pytest.raises(SystemExit):
-            evaluate.main(["--manifest", str(tmp_path / "bench"), "--out-dir", str(out), *argv])
+            evaluate.main(["--manifest", str(tmp_path / "bench"), "--out_dir", str(out), *argv])
+
+
+def torchrun(script: str, argv: list[str], log: Path) -> tuple[int, str]:
+    """``torchrun --standalone --nproc_per_node 2`` of a repository script on CPU (gloo), as the trainer's DDP test
+    launches it: output to a file (two chatty ranks never block on a pipe), the whole process group killed on a
+    timeout."""
+    import signal
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / script), *argv]
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return code, log.read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_captions_and_evaluation_spread_over_two_processes(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2` (CPU): each rank captions its own shards and scores its own items; the outputs
+    are byte-identical to a one-process run (shards) and the merged tables equal it, rows in manifest order."""
+    blip = save_tiny_blip(tmp_path / "blip")
+    source = tmp_path / "in"
+    source.mkdir()
+    for n in range(3):
+        write_shard(source / f"shard-{n:03d}.tar")
+    common = ["--shards", str(source), "--captioner", str(blip), "--captioner_max_new_tokens", "4",
+              "--no_clip_filter", "--no_progress"]
+    assert captions.main(common + ["--out_dir", str(tmp_path / "one")]) == 0
+    code, text = torchrun("training/painterdata/captions.py", common + ["--out_dir", str(tmp_path / "two")],
+                          tmp_path / "captions.log")
+    assert code == 0, text[-4000:]
+    assert "rank 0/2 captioned 2 shards" in text and "rank 1/2 captioned 1 shards" in text
+    one = sorted((tmp_path / "one").iterdir())
+    assert [p.name for p in one] == [f"shard-{n:03d}.tar" for n in range(3)]
+    for path in one:
+        assert (tmp_path / "two" / path.name).read_bytes() == path.read_bytes()
+    assert "3 shards captioned" in text
+
+    bench_manifest.build_benchmark(bench_manifest.read_source_manifest(make_source(tmp_path, 5)), tmp_path / "b")
+    argv = ["--manifest", str(tmp_path / "b"), "--generated", str(tmp_path / "b" / "images"), "--no_progress"]
+    assert evaluate.main(argv + ["--out_dir", str(tmp_path / "eval1")]) == 0
+    code, text = torchrun("training/painterbench/evaluate.py", argv + ["--out_dir", str(tmp_path / "eval2")],
+                          tmp_path / "evaluate.log")
+    assert code == 0, text[-4000:]
+    assert "rank 0/2 scored 3 items" in text and "rank 1/2 scored 2 items" in text
+    for name in ("per_image.csv", "summary.csv", "summary.md"):
+        assert (tmp_path / "eval2" / name).read_text() == (tmp_path / "eval1" / name).read_text()
+

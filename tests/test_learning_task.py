@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import FolderDataset
-from training.learning_task import (PretrainSettings, attention_mass, classify_hole_colour, evaluate_branch,
-                                    held_out_samples, hole_colour_fraction, hole_shape_correct, preservation_mse,
-                                    prepare_base, task_scene, train_setting, write_task_folder)
+from bench.learning_task import (PretrainSettings, attention_mass, classify_hole_colour, evaluate_branch,
+                                 held_out_samples, hole_colour_fraction, hole_shape_correct, preservation_mse,
+                                 prepare_base, task_scene, train_setting, write_task_folder)
+from training.trainer.data import FolderDataset
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "learning_task"
 

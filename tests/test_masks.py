@@ -146,8 +146,43 @@ def test_paper_mix_is_one_of_the_three_kinds(seg, seed):
     assert mixed.kind in masks.MASK_KINDS
     replay = np.random.default_rng(seed)
     replay.random()  # the k of Eq. 6
-    expected = masks.generate_mask(seg, mixed.kind, replay)
+    expected = masks.generate_mask(seg, mixed.kind, replay, square_share=masks.PAPER_MIX_SQUARE_SHARE)
     np.testing.assert_array_equal(mixed.mask, expected)
+
+
+@FAST
+@given(seg=segmentations(), seed=seeds)
+def test_square_box_is_a_square_containing_the_box_when_the_image_allows(seg, seed):
+    out = masks.box_mask(seg, np.random.default_rng(seed), square_share=1.0)
+    rectangle = masks.box_mask(seg, np.random.default_rng(seed))
+    _assert_binary_like(out, seg)
+    if _bbox(seg) is None:
+        assert not out.any()
+        return
+    y0, y1, x0, x1 = _bbox(out)
+    assert out.sum() == (y1 - y0 + 1) * (x1 - x0 + 1)  # one rectangle
+    assert (out >= rectangle).all()  # it contains the rectangular box drawn from the same generator
+    h, w = seg.shape
+    side = max(_bbox(rectangle)[1] - _bbox(rectangle)[0], _bbox(rectangle)[3] - _bbox(rectangle)[2]) + 1
+    assert (y1 - y0 + 1, x1 - x0 + 1) == (min(side, h), min(side, w))
+
+
+def test_paper_mix_boxes_are_rectangular_or_square_in_the_documented_share():
+    seg = np.zeros((64, 96), np.float32)
+    seg[20:30, 10:50] = 1  # a wide object: its plain box is never square
+    rng = np.random.default_rng(0)
+    shapes = []
+    for _ in range(800):
+        mixed = masks.paper_mix_mask(seg, rng)
+        if mixed.kind == "box":
+            y0, y1, x0, x1 = _bbox(mixed.mask)
+            shapes.append(y1 - y0 == x1 - x0)
+    assert len(shapes) > 150 and abs(np.mean(shapes) - masks.PAPER_MIX_SQUARE_SHARE) < 0.1
+    for s in range(20):  # a plain box stays rectangular
+        y0, y1, x0, x1 = _bbox(masks.box_mask(seg, np.random.default_rng(s)))
+        assert y1 - y0 < x1 - x0
+    with pytest.raises(ValueError, match="square_share"):
+        masks.box_mask(seg, rng, square_share=1.5)
 
 
 def _object(h: int, w: int) -> np.ndarray:

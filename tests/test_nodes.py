@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
+from harness.comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
 from painternet_core.branch import PainterNetBranch
 from painternet_core.checkpoint import load_branch, save_branch
 from painternet_core.config import TINY_SD15_UNET, TINY_SDXL_UNET
@@ -174,7 +174,7 @@ def test_apply_latent_keeps_the_unmasked_area_through_a_plain_sampler(tmp_path):
     import folder_paths
     import torch.nn.functional as F
 
-    from models import MODELS, branch_file, load_checkpoint, sd15_checkpoint
+    from harness.models import MODELS, branch_file, load_checkpoint, sd15_checkpoint
 
     model, _, vae = load_checkpoint(sd15_checkpoint())
     branch_file("sd15", "tiny-sd15-320-branch.safetensors")
@@ -308,7 +308,7 @@ import sys
 sys.modules["diffusers"] = None
 sys.path.insert(0, {os.path.join(REPO, "tests")!r})
 import conftest, torch
-from comfy_helpers import pack_module
+from harness.comfy_helpers import pack_module
 pn = pack_module("nodes.branch").load_painternet({str(path)!r}, "fp32")
 out = pn.patcher.model(torch.zeros(1, 9, 16, 16), torch.tensor([10.0]), torch.zeros(1, 7, 32))
 assert len(out["down"]) == 12 and "diffusers" not in [m for m in sys.modules if sys.modules[m] is not None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
+from harness.comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
 from painternet_core.branch import PainterNetBranch, painternet_unet_forward
 from painternet_core.checkpoint import save_branch
 from painternet_core.config import TINY_SD15_UNET, TINY_SDXL_UNET

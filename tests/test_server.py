@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models import branch_file, sd15_checkpoint
-from server_harness import error_text, start_server
+from harness.models import branch_file, sd15_checkpoint
+from harness.server import error_text, start_server
 
 pytestmark = pytest.mark.server
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.tiny import TINY_WORDS, save_tiny_pipeline, tiny_clip_tokenizer, tiny_sd15_components
+from training.trainer.presets import TINY_WORDS, save_tiny_pipeline, tiny_clip_tokenizer, tiny_sd15_components
 
 
 def test_every_tiny_word_is_one_token(tmp_path):

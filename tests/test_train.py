@@ -2,6 +2,7 @@
 branch, exact resume, crash-safe checkpoints under SIGKILL, an SDXL smoke run and export parity."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,10 +16,11 @@ import torch
 
 from painternet_core.branch import PainterNetBranch, painternet_unet_forward
 from painternet_core.checkpoint import load_branch
-from training import train
-from training.checkpoints import list_checkpoints
-from training.data import SyntheticShapes, collate_samples
-from training.step import BaseModel, compute_loss, load_base_model, step_generator
+from training.inference import BaseModel, load_base_model
+from training.trainer import train
+from training.trainer.checkpoints import list_checkpoints
+from training.trainer.data import SyntheticShapes, collate_samples
+from training.trainer.step import compute_loss, step_generator
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--train_batch_size", "1", "--report_to", "none", "--validation_steps", "0", "--seed", "3"]
@@ -48,7 +50,7 @@ def test_step0_of_a_fresh_branch_reproduces_the_base_prediction(sd15_run):
     got = compute_loss(base, branch, batch, step_generator(0, 0, 0, torch.device("cpu")), config=branch.config,
                        weight_dtype=torch.float32, recorder=None, beta=0.0, prompt_dropout=0.0).prediction
     # The same draws, through the base UNet alone.
-    from training.step import encode_prompts, vae_encoder
+    from training.inference import encode_prompts, vae_encoder
 
     generator = step_generator(0, 0, 0, torch.device("cpu"))
     dropped = torch.rand(2, generator=generator) < 0.0
@@ -61,6 +63,29 @@ def test_step0_of_a_fresh_branch_reproduces_the_base_prediction(sd15_run):
         noisy = base.noise_scheduler.add_noise(latents, noise, t)
         expected = base.unet(noisy, t, encoder_hidden_states=text.hidden_states).sample
     assert torch.equal(got, expected)
+
+
+def test_samples_on_a_fallback_scene_caption_get_no_atal(sd15_run):
+    """--caption_fallback global trains an object without a local caption on the scene caption, but with ATAL off
+    for that sample: its L_ATAL is exactly the one of the batch without it."""
+    from painternet_core.atal import ATALRecorder, install_atal_processors
+
+    _, result = sd15_run
+    base = result.base
+    branch = PainterNetBranch.from_unet(base.unet)
+    recorder = ATALRecorder()
+    install_atal_processors(branch, recorder)
+    batch = _batch()
+
+    def l_atal(atal: list[bool]) -> float:
+        out = compute_loss(base, branch, {**batch, "atal": torch.tensor(atal)}, step_generator(0, 0, 0,
+                           torch.device("cpu")), config=branch.config, weight_dtype=torch.float32,
+                           recorder=recorder, beta=1e-5, prompt_dropout=0.0)
+        return float(out.l_atal)
+
+    both, first, none = l_atal([True, True]), l_atal([True, False]), l_atal([False, False])
+    assert both > 0 and first > 0 and none == 0.0
+    assert first != both
 
 
 def test_tiny_sd15_run_trains_only_the_branch(sd15_run):
@@ -91,15 +116,56 @@ def test_tiny_sd15_run_trains_only_the_branch(sd15_run):
     assert any((out / "logs").rglob("events.out.tfevents.*"))
 
 
-def test_resume_latest_continues_with_the_same_next_batch_loss(sd15_run, tmp_path):
+def test_every_checkpoint_holds_a_comfyui_loadable_branch_of_its_step(sd15_run):
+    """checkpoint-N/painternet.safetensors is the PainterNet-format branch at step N (what PainterNetLoader reads),
+    written inside the checkpoint folder before its atomic rename, equal to the trainer state saved next to it."""
+    from safetensors.torch import load_file
+
+    out, _ = sd15_run
+    state, config = load_branch(str(out / "checkpoint-2" / "painternet.safetensors"))
+    saved = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    assert config.family == "sd15" and set(state) == set(saved)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    final, _ = load_branch(str(out / "painternet.safetensors"))
+    assert any(not torch.equal(final[k], state[k]) for k in state)  # step 3 moved on from step 2
+
+
+def test_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):
+    from accelerate import Accelerator
+
+    from training.trainer.checkpoints import save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in range(1, 5):
+        save_checkpoint(accelerator, tmp_path, step, 2, lambda folder: (folder / "extra.txt").write_text(str(step)))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    assert (tmp_path / "checkpoint-4" / "extra.txt").read_text() == "4"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_latest_continues_with_the_same_next_batch_loss(sd15_run, tmp_path, monkeypatch):
     out, straight = sd15_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("validation", "logs", "painternet.safetensors"))
+    builds = [0]
+    build = SyntheticShapes._build
+
+    def counting_build(self, record, rng):
+        builds[0] += 1
+        return build(self, record, rng)
+
+    monkeypatch.setattr(SyntheticShapes, "_build", counting_build)
     resumed = train.main(["--preset", "tiny-sd15", "--output_dir", str(copy), "--max_train_steps", "3",
                           "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--resume_from_checkpoint",
                           "latest", *FAST])
+    monkeypatch.undo()
     assert resumed.resumed_from == copy / "checkpoint-2"
     assert sorted(resumed.losses) == [3]
+    # resumed by position: only the samples waiting in the shuffle buffer were rebuilt, never the consumed ones (the
+    # 256 synthetic records were all read into the 256-sample buffer before the first yield; 2 have been consumed)
+    position = json.loads((copy / "checkpoint-2" / "data_state_0.json").read_text())["positions"]["0"]
+    assert position["consumed"] == 256 and len(position["buffer"]) == 254 and builds == [254]
     assert resumed.losses[3]["l_diff"] == straight.losses[3]["l_diff"]
     assert resumed.losses[3]["l_atal"] == straight.losses[3]["l_atal"]
     a, b = straight.branch.state_dict(), resumed.branch.state_dict()
@@ -111,7 +177,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_resumable(sd15_run
     run = tmp_path / "run"
     run.mkdir()
     shutil.copytree(out / "tiny-base", run / "tiny-base")
-    cmd = [sys.executable, str(REPO / "training" / "train.py"), "--preset", "tiny-sd15", "--output_dir", str(run),
+    cmd = [sys.executable, str(REPO / "training" / "trainer" / "train.py"), "--preset", "tiny-sd15", "--output_dir", str(run),
            "--max_train_steps", "200", "--checkpointing_steps", "1", *FAST]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_during_save = False
@@ -174,7 +240,7 @@ def test_cli_help_yaml_config_and_bad_values(tmp_path, capsys):
         train.parse_args(["--help"])
     help_text = capsys.readouterr().out
     for flag in ("--pretrained_model_name_or_path", "--resume_from_checkpoint", "--beta", "--no_atal", "--preset",
-                 "--use_8bit_adam", "--export_name", "--checkpoints_total_limit"):
+                 "--use_8bit_adam", "--export_name", "--checkpoints_total_limit", "--caption_fallback"):
         assert flag in help_text
     config = tmp_path / "c.yaml"
     config.write_text("preset: tiny-sd15\nlearning_rate: 0.002\nmax_train_steps: 7\n")
@@ -197,7 +263,7 @@ def test_export_runs_in_comfyui_like_in_the_trainer(sd15_run, tmp_path):
     import comfy.model_management as mm
     import folder_paths
 
-    from comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
+    from harness.comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
 
     out, result = sd15_run
     folder = tmp_path / "painternet"
@@ -224,7 +290,7 @@ def test_export_runs_in_comfyui_like_in_the_trainer(sd15_run, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_run_keeps_the_lr_schedule_and_saves_every_rank(tmp_path):
-    """`torchrun --nproc_per_node 2 training/train.py` (gloo on CPU): the script runs unchanged in data parallel, the
+    """`torchrun --nproc_per_node 2 training/trainer/train.py` (gloo on CPU): the script runs unchanged in data parallel, the
     prepared scheduler (stepped once per process) follows the single-process schedule, every rank saves its RNG
     state into the shared checkpoint, and the main process exports a loadable branch."""
     out = tmp_path / "ddp"
@@ -232,7 +298,7 @@ def test_two_process_ddp_run_keeps_the_lr_schedule_and_saves_every_rank(tmp_path
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # --standalone: torchrun picks a free port for its own rendezvous (no port race with other jobs).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "training" / "train.py"), "--preset", "tiny-sd15",
+           str(REPO / "training" / "trainer" / "train.py"), "--preset", "tiny-sd15",
            "--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "3",
            "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--learning_rate", "1e-3", *FAST]
     with open(log, "wb") as sink:  # a file, not a pipe: two chatty ranks must never block on a full pipe
@@ -248,6 +314,11 @@ def test_two_process_ddp_run_keeps_the_lr_schedule_and_saves_every_rank(tmp_path
     assert "MULTI_CPU" in text and "Num processes: 2" in text
     checkpoint = out / "checkpoint-3"
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    # every rank's data position (its own slot), and the branch at step 3 in the ComfyUI format
+    for rank in (0, 1):
+        state = json.loads((checkpoint / f"data_state_{rank}.json").read_text())
+        assert state["micro_batches"] == 3 and list(state["positions"]) == [str(rank)]
+    assert load_branch(str(checkpoint / "painternet.safetensors"))[1].family == "sd15"
     scheduler = torch.load(checkpoint / "scheduler.bin", weights_only=True)
     # Linear warm-up 2, decay to 0 at step 4: after 3 optimizer steps the factor is 0.5 on every process count;
     # the prepared scheduler stepped once per process per optimizer step (3 x 2).
@@ -263,7 +334,7 @@ def test_single_file_checkpoint_loads_the_same_weights_as_its_diffusers_folder(s
     import comfy.diffusers_convert
     from safetensors.torch import save_file
 
-    from comfy_helpers import comfy_unet_key_map
+    from harness.comfy_helpers import comfy_unet_key_map
 
     out, _ = sd15_run
     folder = out / "tiny-base"

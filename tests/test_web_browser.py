@@ -22,7 +22,7 @@ import requests
 from PIL import Image
 
 from painternet_core import shapes
-from server_harness import start_server
+from harness.server import start_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 logger = logging.getLogger("painternet")

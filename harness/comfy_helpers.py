@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from conftest import CACHE, REPO
+from harness import CACHE, REPO
 
 PACK_NAME = "ComfyUI-PainterNet"
 

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Train a PainterNet branch (paper §3.3; DESIGN §7): L = L_diff + β·L_ATAL, only the branch trainable.
 
-One GPU:        python training/train.py --pretrained_model_name_or_path ./sd15 --train_data ./shards --output_dir out
-Many GPUs:      accelerate launch [--config_file ds_zero2.yaml] training/train.py ...   (no code change)
-CPU smoke run:  python training/train.py --preset tiny-sd15 --output_dir /tmp/pn
+One GPU:        python training/trainer/train.py --pretrained_model_name_or_path ./sd15 --train_data ./shards \
+                    --output_dir out
+Many GPUs:      accelerate launch [--config_file ds_zero2.yaml] training/trainer/train.py ...   (no code change)
+CPU smoke run:  python training/trainer/train.py --preset tiny-sd15 --output_dir /tmp/pn
 
-A flat orchestration script: loading, text encoding, the loss step and the validation sampler live in
-``training.step``, checkpoint atomicity in ``training.checkpoints``, data in ``training.data``, the branch and ATAL
-in ``painternet_core``. ``main(argv)`` returns a :class:`TrainResult` so tests can run the script in-process.
+A flat orchestration script: the loss and the optimizer step live in ``training.trainer.step``, checkpoint
+atomicity in ``training.trainer.checkpoints``, data in ``training.trainer.data``, base loading, text encoding and the
+validation sampler in ``training.inference`` (shared with PainterBench), the branch and ATAL in ``painternet_core``.
+``main(argv)`` returns a :class:`TrainResult` so tests can run the script in-process.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-if __package__ in (None, ""):  # `python training/train.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # `python training/trainer/train.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
@@ -63,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Square training resolution (multiple of 8). Default 512 SD1.5, 1024 SDXL, 64 tiny presets.")
     g.add_argument("--mask_mode", default="paper_mix", choices=["paper_mix", "segmentation", "box", "irregular"],
                    help="How the training hole is drawn from the object's segmentation (paper Eq. 6 mix default).")
+    g.add_argument("--caption_fallback", default="skip", choices=["skip", "global"],
+                   help="BrushData objects without a kept local caption: skip (paper §3.2: train only on local "
+                        "prompts; samples with none are skipped and counted) or global (train them on the scene "
+                        "caption, with ATAL off for those samples).")
     g.add_argument("--prompt_dropout", type=float, default=0.1,
                    help="Probability of dropping the prompt (SD1.5: empty prompt; SDXL: zeroed embeddings).")
     g.add_argument("--synthetic_samples", type=int, default=256, help="Size of the synthetic set used by --preset.")
@@ -96,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_atal", action="store_true", help="Train with L_diff only (ablation).")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--checkpointing_steps", type=int, default=500,
-                   help="Save the full training state (accelerate save_state) every N steps into "
-                        "OUTPUT_DIR/checkpoint-N (written atomically).")
+                   help="Save the full training state (accelerate save_state), every rank's data position and a "
+                        "ComfyUI-loadable EXPORT_NAME.safetensors every N steps into OUTPUT_DIR/checkpoint-N "
+                        "(written atomically).")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="A checkpoint-N folder, or 'latest' (the newest complete one in OUTPUT_DIR).")
@@ -119,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags, layering an optional YAML config under them, and check their values."""
+    from training.cli import normalize_flags
+
     parser = build_parser()
+    argv = normalize_flags(parser, list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     if args.config:
         import yaml
@@ -174,7 +184,7 @@ class TrainResult:
 
 def _build_dataset(args: argparse.Namespace, resolution: int, rank: int, world_size: int, seed: int) -> Any:
     """The training set for this rank (it shards itself over rank × DataLoader worker; never accelerate-prepared)."""
-    from training.data import BrushDataShards, FolderDataset, SyntheticShapes
+    from training.trainer.data import BrushDataShards, FolderDataset, SyntheticShapes
 
     common = dict(rank=rank, world_size=world_size, seed=seed, mask_mode=args.mask_mode, repeat=True)
     if args.train_data is None:
@@ -184,7 +194,7 @@ def _build_dataset(args: argparse.Namespace, resolution: int, rank: int, world_s
         raise ValueError(f"--train_data {str(root)!r} is not a folder; pass a folder of .tar shards or of images.")
     shards = sorted(str(p) for p in root.rglob("*.tar"))
     if shards:
-        return BrushDataShards(shards, resolution, **common)
+        return BrushDataShards(shards, resolution, caption_fallback=args.caption_fallback, **common)
     return FolderDataset(root, resolution, **common)
 
 
@@ -217,7 +227,7 @@ def _run_validation(args: argparse.Namespace, accelerator: Any, base: Any, branc
     import numpy as np
     from PIL import Image
 
-    from training.step import inpaint
+    from training.inference import inpaint
 
     image, mask, prompt = sample
     image, mask = image.to(accelerator.device), mask.to(accelerator.device)
@@ -270,13 +280,15 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     from painternet_core.atal import ATALRecorder, install_atal_processors
     from painternet_core.branch import PainterNetBranch
     from painternet_core.checkpoint import load_branch, save_branch
-    from training.checkpoints import checkpoint_step, remove_stale, resolve_resume, save_checkpoint
-    from training.data import collate_samples
-    from training.step import compute_loss, load_base_model, step_generator
+    from training.inference import load_base_model
+    from training.trainer.checkpoints import (checkpoint_step, read_data_state, remove_stale, resolve_resume,
+                                              save_checkpoint, write_data_state)
+    from training.trainer.data import collate_samples
+    from training.trainer.step import step_generator, train_step
 
     output_dir = Path(args.output_dir)
-    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir),
-                                   total_limit=args.checkpoints_total_limit)
+    # No total_limit here: accelerate only prunes folders it named itself; save_checkpoint prunes ours.
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=None if args.report_to == "none" else args.report_to,
@@ -290,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     # ---- base model (frozen) -----------------------------------------------------------------------------------
     model_path = args.pretrained_model_name_or_path
     if args.preset is not None:
-        from training.tiny import save_tiny_pipeline
+        from training.trainer.presets import save_tiny_pipeline
 
         model_path = output_dir / "tiny-base"
         if accelerator.is_main_process and not (model_path / "model_index.json").is_file():
@@ -349,16 +361,41 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     # ---- resume ----------------------------------------------------------------------------------------------------
     global_step = 0
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
+    workers = max(1, args.dataloader_num_workers)
+    micro_step = 0
+    replay = 0
+    positions: dict[int, dict[str, Any]] = {}  # slot -> position after the last sample this rank consumed
     if resume is not None:
         accelerator.load_state(str(resume))
         global_step = checkpoint_step(resume)
+        micro_step = global_step * args.gradient_accumulation_steps
+        saved = read_data_state(resume, accelerator.process_index)
+        if saved is not None and saved.get("workers") == workers and saved.get("micro_batches") == micro_step:
+            # The next batch an uninterrupted run would see, without decoding what was consumed; noise, timesteps
+            # and dropout are seeded by micro-step (step_generator), so the step itself is the same too.
+            positions = {int(slot): value for slot, value in saved["positions"].items()}
+            dataset.resume(positions, rotation=micro_step % workers)
+        else:
+            replay = micro_step
+            logger.warning("%s has no data position for rank %d with %d DataLoader workers; replaying %d batches "
+                           "to reach the same data (slow at large steps)", resume, accelerator.process_index,
+                           workers, replay)
         logger.info("resumed from %s at step %d", resume, global_step)
     batches = _batches(loader, accelerator.device)
-    micro_step = global_step * args.gradient_accumulation_steps
-    # The data stream is a pure function of the seed, so skipping what was consumed gives the exact next batch an
-    # uninterrupted run would see (noise/timesteps/dropout are seeded by micro-step, see step_generator).
-    for _ in range(micro_step):
-        next(batches)
+    for _ in range(replay):  # the stream is a pure function of the seed: replaying reaches the same next batch
+        for position in next(batches)["position"]:
+            positions[position["slot"]] = position
+
+    export_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.export_dtype]
+
+    def checkpoint_extras(folder: Path) -> None:
+        """Every rank: its data position; the main process: the branch in the ComfyUI format (gathered on all)."""
+        write_data_state(folder, accelerator.process_index,
+                         {"micro_batches": micro_step, "workers": workers, "positions": positions})
+        state = accelerator.get_state_dict(branch)
+        if accelerator.is_main_process:
+            save_branch(str(folder / f"{args.export_name}.safetensors"),
+                        {k: v.to(export_dtype) for k, v in state.items()}, config)
 
     total = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("training %s branch: %d params, %d steps, %d samples/step, resolution %d, beta %s%s",
@@ -370,16 +407,12 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     sums = torch.zeros(3, device=accelerator.device)
     while global_step < args.max_train_steps:
         batch = next(batches)
-        with accelerator.accumulate(branch):
-            generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
-            out = compute_loss(base, branch, batch, generator, config=config, weight_dtype=weight_dtype,
-                               recorder=recorder, beta=args.beta, prompt_dropout=args.prompt_dropout,
-                               backward=accelerator.backward, autocast=accelerator.autocast)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(branch.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        for position in batch["position"]:
+            positions[position["slot"]] = position
+        generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
+        out = train_step(base, branch, batch, generator, optimizer, config=config, weight_dtype=weight_dtype,
+                         recorder=recorder, beta=args.beta, prompt_dropout=args.prompt_dropout,
+                         max_grad_norm=args.max_grad_norm, lr_scheduler=lr_scheduler, accelerator=accelerator)
         micro_step += 1
         sums += torch.stack([out.l_diff, out.l_atal, out.l_atal_weighted]).float()
         if not accelerator.sync_gradients:
@@ -397,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
         progress.update(1)
         progress.set_postfix(loss=f"{logs['loss']:.4f}", atal=f"{l_atal:.3g}")
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, checkpoint_extras)
         if validation is not None and global_step % args.validation_steps == 0:
             _run_validation(args, accelerator, base, branch, config, validation, global_step, weight_dtype)
     progress.close()
@@ -407,9 +440,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(branch)
     if accelerator.is_main_process:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.export_dtype]
         export = output_dir / f"{args.export_name}.safetensors"
-        save_branch(str(export), {k: v.to(dtype) for k, v in state.items()}, config)
+        save_branch(str(export), {k: v.to(export_dtype) for k, v in state.items()}, config)
         result.export_path = export
         logger.info("exported %s", export)
     accelerator.wait_for_everyone()

@@ -1,6 +1,6 @@
 """Build a PainterBench-like benchmark (paper §4.1, supplement §7): images, segmentation masks and local prompts →
 one mask per item of one of the three kinds (segmentation / box / irregular) in balanced proportions, deterministic
-for a seed, written as ``manifest.jsonl`` + mask PNGs that ``training/evaluate.py`` reads directly.
+for a seed, written as ``manifest.jsonl`` + mask PNGs that ``training/painterbench/evaluate.py`` reads directly.
 
 Why balanced instead of the training mix (Eq. 6 draws box 25 % / irregular 50 % / segmentation 25 %): a benchmark
 should weigh each mask kind equally so per-kind means are comparable; the kinds are dealt round-robin (counts differ
@@ -12,8 +12,9 @@ Sources:
 
 * ``--source manifest.jsonl|.csv`` with ``image``, ``segmentation`` (a mask PNG, non-zero = object),
   ``local_prompt`` (required) and ``id``, ``global_prompt``, ``category`` (optional); paths relative to the file;
-* ``--shards`` PainterData shards (``training/captions.py`` output): per image, one object with a kept local caption
-  (chosen with the seed among objects covering at least ``--min-area`` of the image; id = ``<key>_<object index>``
+* ``--shards`` PainterData shards (``training/painterdata/captions.py`` output): per image, one object with a kept
+  local caption (chosen with the seed among objects covering at least ``--min_area`` of the image;
+  id = ``<key>_<object index>``
   with "/" in the key replaced by "_"); the shard's ``.caption``
   becomes the global prompt.
 
@@ -37,11 +38,12 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-if __package__ in (None, ""):  # run as `python training/bench_manifest.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as `python training/painterbench/manifest.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from painternet_core.masks import MASK_KINDS, generate_mask  # noqa: E402
-from training.captions import decode_segmentation, iter_tar_samples, list_shards, tarfile_name_ext  # noqa: E402
+from training.painterdata.shards import (LOCAL_CAPTION, decode_segmentation, iter_shard, list_shards,  # noqa: E402
+                                         local_captions)
 
 logger = logging.getLogger("painternet.training")
 
@@ -122,18 +124,19 @@ def read_painterdata_shards(paths: Sequence[str | Path], seed: int, min_area: fl
     (chosen with ``default_rng([seed, sample number])`` when several qualify)."""
     number = 0
     for shard in list_shards(paths):
-        for key, members in iter_tar_samples(shard):
+        for sample in iter_shard(shard):
             number += 1
-            by_ext = {tarfile_name_ext(info.name): payload for info, payload in members}
-            if not {"image", "segmentation", "local_caption"} <= set(by_ext):
+            key = sample.key
+            by_ext = sample.by_ext()
+            if not {"image", "segmentation", LOCAL_CAPTION} <= set(by_ext):
                 continue
             try:
                 with Image.open(io.BytesIO(by_ext["image"])) as image:
                     width, height = image.size
                 masks = decode_segmentation(by_ext["segmentation"], height, width)
-                captions = json.loads(by_ext["local_caption"])
+                captions = local_captions(by_ext[LOCAL_CAPTION], len(masks))
             except (ValueError, OSError) as error:
-                logger.warning("%s/%s is malformed (%s); skipped", shard.name, key, error)
+                logger.warning("%s/%s is malformed (%s); skipped", Path(shard).name, key, error)
                 continue
             usable = [i for i, (mask, caption) in enumerate(zip(masks, captions))
                       if caption and float(mask.mean()) >= min_area and mask.any()]
@@ -189,13 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--source", help="JSONL/CSV with image, segmentation, local_prompt (+ id, global_prompt, "
                                          "category)")
-    source.add_argument("--shards", nargs="+", help="PainterData shards (training/captions.py output) or folders")
-    parser.add_argument("--out-dir", required=True)
+    source.add_argument("--shards", nargs="+",
+                        help="PainterData shards (training/painterdata/captions.py output) or folders")
+    parser.add_argument("--out_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N source items")
-    parser.add_argument("--min-area", type=float, default=0.01,
+    parser.add_argument("--min_area", type=float, default=0.01,
                         help="shards: smallest object area as a fraction of the image")
-    args = parser.parse_args(argv)
+    from training.cli import parse_args
+
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit {args.limit} must be >= 1")

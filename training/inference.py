@@ -1,15 +1,15 @@
-"""Reusable pieces of one PainterNet training step (paper §3.3, DESIGN §7): base-model loading, text encoding, the
-noise/loss step with ATAL, and the validation sampler. ``training/train.py`` only orchestrates these.
+"""The diffusers-side inference shared by the trainer's validation, PainterBench and the benchmarks: loading a base
+model, encoding prompts (SD1.5 and SDXL), VAE encoding, CPU-drawn noise and the reference inpaint loop.
 
-Why a module and not inline in the script: the tests and ``bench/train_step.py`` run exactly the same step as the
-trainer (same condition prep, same loss, same injection), so a number measured there is a number of the trainer.
+Why one module: validation images, benchmark scores and the learning check must come from the same forward that the
+parity tests tie to the ComfyUI nodes (base + scaled branch residuals, CFG over [uncond, cond]); three copies would
+drift. It imports ``painternet_core`` only, never the trainer or the evaluation (the rooms test enforces it).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from painternet_core.atal import ATALRecorder, atal_loss, tokenize_with_token_mask
-from painternet_core.branch import PainterNetBranch, injected
+from painternet_core.atal import tokenize_with_token_mask
+from painternet_core.branch import PainterNetBranch
 from painternet_core.conditioning import prepare_condition
-
-from .data import sdxl_time_ids
 
 logger = logging.getLogger("painternet.training")
 
@@ -30,12 +28,17 @@ __all__ = [
     "load_base_model",
     "EncodedText",
     "encode_prompts",
+    "sdxl_time_ids",
     "vae_encoder",
-    "StepOutput",
-    "compute_loss",
-    "step_generator",
+    "cpu_randn",
     "inpaint",
 ]
+
+
+def sdxl_time_ids(batch: dict[str, Any], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """SDXL ``add_time_ids`` (B, 6) = original_size ‖ crops_coords_top_left ‖ target_size, the order of
+    diffusers' ``StableDiffusionXLPipeline._get_add_time_ids``."""
+    return torch.cat([batch["original_size"], batch["crops_coords_top_left"], batch["target_size"]], dim=1).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------------- base model
@@ -200,116 +203,14 @@ def vae_encoder(vae: Any, sample: bool = True,
     return encode
 
 
-# ------------------------------------------------------------------------------------------------------------ step
-@dataclass
-class StepOutput:
-    """Loss terms of one micro-batch. ``loss`` carries the graph; the rest are detached for logging."""
-
-    loss: torch.Tensor
-    l_diff: torch.Tensor
-    l_atal: torch.Tensor
-    l_atal_weighted: torch.Tensor
-    prediction: torch.Tensor = field(repr=False)
-
-
-def step_generator(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The generator of one micro-batch's noise, timesteps, prompt dropout and VAE sampling.
-
-    Why seeded by the micro-step index and rank instead of a running RNG: a run resumed from a checkpoint draws
-    exactly what an uninterrupted run draws at the same step, whatever happened before (validation, a crash).
-    """
-    import numpy as np
-
-    state = np.random.SeedSequence([int(seed), int(micro_step), int(rank), 0x5EED]).generate_state(1, np.uint64)[0]
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
-    return generator
-
-
-def _randn(shape: Sequence[int], generator: torch.Generator, device: torch.device,
+def cpu_randn(shape: Sequence[int], generator: torch.Generator, device: torch.device,
            dtype: torch.dtype) -> torch.Tensor:
     """CPU-drawn noise moved to ``device``: identical numbers on every device, so CPU tests and GPU runs agree."""
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
-@contextlib.contextmanager
-def _maybe_record(recorder: ATALRecorder | None, token_mask: torch.Tensor) -> Iterator[None]:
-    if recorder is None:
-        yield
-    else:
-        with recorder.record(token_mask):
-            yield
 
-
-def compute_loss(
-    base: BaseModel,
-    branch: nn.Module,
-    batch: dict[str, Any],
-    generator: torch.Generator,
-    *,
-    config: Any,
-    weight_dtype: torch.dtype,
-    recorder: ATALRecorder | None,
-    beta: float,
-    prompt_dropout: float,
-    backward: Callable[[torch.Tensor], None] | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-) -> StepOutput:
-    """One micro-batch: L = mse(pred, target) + β·L_ATAL, optionally followed by ``backward(loss)``.
-
-    Why backward happens in here: two things must stay alive until the backward pass has run — the ATAL recorder
-    (non-reentrant checkpointing recomputes the branch's attention and must see the same token mask) and the residual
-    hooks on the base UNet (with UNet gradient checkpointing its blocks are recomputed, and without the hooks the
-    recomputed activations would lack the residuals, silently corrupting the gradient). So the base forward is run
-    inside ``injected(...)`` here rather than through ``painternet_unet_forward``, whose context closes on return;
-    the prediction is the same (the parity test checks it against ``painternet_unet_forward``).
-    ``branch`` may be the accelerate-prepared wrapper (DDP/ZeRO/FSDP): it is only ever called, never unwrapped.
-    """
-    device = batch["pixel_values"].device
-    pixels = batch["pixel_values"]
-    mask = batch["mask"]
-    bsz = pixels.shape[0]
-    dropped = torch.rand(bsz, generator=generator) < prompt_dropout
-    text = encode_prompts(base, batch["prompt"], dropped, device, weight_dtype, batch)
-
-    with torch.no_grad():
-        image01 = (pixels.float() + 1) / 2
-        latents = vae_encoder(base.vae, True, generator)(image01).to(weight_dtype)
-        condition = prepare_condition(image01, mask, vae_encoder(base.vae, True, generator), config).to(weight_dtype)
-        noise = _randn(latents.shape, generator, device, weight_dtype)
-        scheduler = base.noise_scheduler
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator).to(device)
-        noisy = scheduler.add_noise(latents.float(), noise.float(), timesteps).to(weight_dtype)
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise.float()
-        elif prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents.float(), noise.float(), timesteps)
-        else:
-            raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; PainterNet trains "
-                             "epsilon or v_prediction bases.")
-
-    # The ATAL map is only meaningful for samples whose prompt survived dropout and has actual tokens.
-    valid = ~dropped.to(device) & text.token_mask.any(dim=1)
-    with _maybe_record(recorder, text.token_mask):
-        with autocast():
-            residuals = branch(noisy, timesteps, text.hidden_states, condition, text.added_cond_kwargs)
-            with injected(base.unet, residuals, 1.0):
-                pred = base.unet(noisy, timesteps, encoder_hidden_states=text.hidden_states,
-                                 added_cond_kwargs=text.added_cond_kwargs).sample
-                l_diff = F.mse_loss(pred.float(), target, reduction="mean")
-                if recorder is not None:
-                    l_atal = atal_loss(recorder.ordered_maps(), mask.float(), valid)
-                else:
-                    l_atal = torch.zeros((), device=device)
-                loss = l_diff + beta * l_atal
-                if backward is not None:
-                    backward(loss)
-    return StepOutput(loss=loss, l_diff=l_diff.detach(), l_atal=l_atal.detach(),
-                      l_atal_weighted=(beta * l_atal).detach(), prediction=pred.detach())
-
-
-# ------------------------------------------------------------------------------------------------------ validation
+# ------------------------------------------------------------------------------------------------- reference loop
 @torch.no_grad()
 def inpaint(
     base: BaseModel,
@@ -355,7 +256,7 @@ def inpaint(
     condition = torch.cat([condition, condition])
     generator = torch.Generator(device="cpu").manual_seed(seed)
     h, w = condition.shape[-2:]
-    latents = _randn((bsz, 4, h, w), generator, device, torch.float32) * scheduler.init_noise_sigma
+    latents = cpu_randn((bsz, 4, h, w), generator, device, torch.float32) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(weight_dtype)
         pred = painternet_unet_forward(base.unet, branch, model_in, t, hidden, condition, scale, added).float()

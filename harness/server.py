@@ -14,7 +14,7 @@ from typing import Any
 
 import requests
 
-from conftest import COMFYUI_PATH, REPO
+from harness import COMFYUI_PATH, REPO
 
 PACK_NAME = "ComfyUI-PainterNet"
 # A fixed mmap threshold turns off glibc's dynamic one, under which freed checkpoint buffers can stay in the heap as

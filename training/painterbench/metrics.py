@@ -1,7 +1,8 @@
 """PainterBench metrics (paper §4.1): the pure region arithmetic and the model-backed scorers.
 
-Why a separate module: ``training/evaluate.py`` (the benchmark driver) and ``training/captions.py`` (the PainterData
-CLIP filter) share the same CLIP scorer and the same "crop the mask's bounding box, pad to a square" rule, so a local
+Why a separate module: ``training/painterbench/evaluate.py`` (the benchmark driver) and
+``training/painterdata/captions.py`` (the PainterData CLIP filter) share the same CLIP scorer and the same "crop the
+mask's bounding box, pad to a square" rule, so a local
 caption is filtered on exactly the view that the local CLIP metric later scores.
 
 Conventions (DESIGN §2): a mask is float HxW in [0, 1], **1 = region to generate**; it is binarised at 0.5. Images
@@ -36,6 +37,8 @@ __all__ = [
     "unmasked_region_metrics",
     "box_iou",
     "grounding_hit",
+    "normalize_phrase",
+    "phrase_matches",
     "ClipScorer",
     "load_state_dict_file",
     "load_aesthetic_head",
@@ -179,6 +182,26 @@ def grounding_hit(boxes: Sequence[Sequence[float]], region: Sequence[float],
         raise ValueError(f"iou_threshold={iou_threshold} must be in (0, 1]; 0.5 is the documented default")
     best = max((box_iou(box, region) for box in boxes), default=0.0)
     return best >= iou_threshold, best
+
+
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+def normalize_phrase(text: str) -> str:
+    """Lower-case words without punctuation or articles: "A red car." → "red car"."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return " ".join(word for word in words if word not in _ARTICLES)
+
+
+def phrase_matches(phrase: str, prompt: str) -> bool:
+    """The paper's Gdino-accuracy test of one detection: is its predicted phrase consistent with the local prompt?
+
+    Rule (documented default): equal after :func:`normalize_phrase`. Why not "any detection": Grounding DINO's
+    phrase is made of the prompt tokens whose score passes the text threshold, so a detection of only "car" for
+    "a red car" found a car but not the *red* car the prompt asked for.
+    """
+    normalized = normalize_phrase(prompt)
+    return bool(normalized) and normalize_phrase(phrase) == normalized
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -333,7 +356,7 @@ class AestheticScorer:
         width = int(clip.model.config.projection_dim)
         if self.head.layers[0].in_features != width:
             raise ValueError(f"aesthetic head expects {self.head.layers[0].in_features}-d embeddings but the CLIP "
-                             f"model gives {width}-d; pass CLIP ViT-L/14 (768-d) with --aesthetic-clip")
+                             f"model gives {width}-d; pass CLIP ViT-L/14 (768-d) with --aesthetic_clip")
 
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -345,13 +368,17 @@ _SPECIAL_TOKEN = re.compile(r"\[(CLS|SEP|PAD|UNK|MASK)\]")
 
 
 class GroundingDinoScorer:
-    """Grounding-DINO detections of the local prompt, and the Gdino-accuracy rule.
+    """Grounding-DINO detections of the local prompt, and the two Gdino-accuracy rules.
 
-    Rule (documented in the README): the **whole generated image** and the local prompt (lower-cased, ending in '.')
-    go to ``GroundingDinoForObjectDetection``; a detection counts when its box score >= ``box_threshold`` (0.35)
-    and its phrase — the prompt tokens scoring >= ``text_threshold`` (0.25), special tokens and '.' removed — is not
-    empty; the item is a hit when the best IoU of a counted box with the mask's bounding box is >= ``iou_threshold``
-    (0.5). Gdino Acc is the mean hit rate. The thresholds are the Grounding-DINO demo defaults.
+    A detection counts when its box score >= ``box_threshold`` (0.35) and its phrase — the prompt tokens scoring
+    >= ``text_threshold`` (0.25), special tokens and '.' removed — is not empty (the Grounding-DINO demo defaults);
+    the prompt goes in lower-cased, ending in '.'. Gdino Acc is the mean hit rate of a rule:
+
+    * :meth:`crop_hit` — the paper's rule (§4.1, the default): the generated region is cut out by the mask (its
+      bounding box; no square padding, the detector takes any aspect ratio), the detector runs on it with the local
+      prompt, and the item is a hit when a counted detection's phrase matches the prompt (:func:`phrase_matches`);
+    * :meth:`evaluate` — the whole-image rule (an option): the whole generated image goes in, and the item is a hit
+      when the best IoU of a counted box with the mask's bounding box is >= ``iou_threshold`` (0.5).
     """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", box_threshold: float = 0.35,
@@ -398,8 +425,13 @@ class GroundingDinoScorer:
                 detections.append((tuple(float(v) for v in box), float(score), " ".join(phrase.split())))
         return sorted(detections, key=lambda detection: -detection[1])
 
+    def crop_hit(self, image: Image.Image, prompt: str, mask: np.ndarray) -> bool:
+        """The paper's rule: does a detection on the mask's crop of ``image`` predict the local prompt's phrase?"""
+        crop = image.convert("RGB").crop(mask_bbox(mask))
+        return any(phrase_matches(phrase, prompt) for _, _, phrase in self.detect(crop, prompt))
+
     def evaluate(self, image: Image.Image, prompt: str, mask: np.ndarray) -> tuple[bool, float]:
-        """(hit, best IoU) of the local prompt's detections against the mask's bounding box."""
+        """The whole-image rule: (hit, best IoU) of the local prompt's detections against the mask's bounding box."""
         region = mask_bbox(mask)
         return grounding_hit([box for box, _, _ in self.detect(image, prompt)], region, self.iou_threshold)
 
@@ -417,7 +449,7 @@ class LpipsScorer:
             import lpips
         except ImportError as error:
             raise RuntimeError("LPIPS needs the optional `lpips` package: `pip install lpips` (no other dependency "
-                               "changes), or drop --lpips-backbone") from error
+                               "changes), or drop --lpips_backbone") from error
         if net not in ("alex", "vgg", "squeeze"):
             raise ValueError(f"lpips net {net!r} is not one of alex, vgg, squeeze")
         self.device = torch.device(device)
@@ -431,7 +463,7 @@ class LpipsScorer:
             source = f"features.{match.group(1)}.{match.group(2)}" if match else name
             if source not in backbone:
                 raise ValueError(f"backbone file {str(backbone_path)!r} lacks {source!r}; pass the torchvision "
-                                 f"{net} state dict that matches --lpips-net {net}")
+                                 f"{net} state dict that matches --lpips_net {net}")
             mapped[name] = backbone[source]
         self.model.net.load_state_dict(mapped)
         self.model = self.model.to(self.device).eval()
@@ -461,7 +493,8 @@ class ImageRewardScorer:
     """ImageReward (Xu et al. 2023) through the optional ``image-reward`` package, from local files only.
 
     Why optional: ``image-reward`` pins an old transformers/timm, so it usually lives in its own virtual environment;
-    run ``training/evaluate.py`` there with only ``--image-reward`` (plus the pixel metrics, which need no model) and
+    run ``training/painterbench/evaluate.py`` there with only ``--image_reward`` (plus the pixel metrics, which need
+    no model) and
     join the CSVs with ``--merge``. Offline use needs the checkpoint (``ImageReward.pt``), its ``med_config.json``,
     and the ``bert-base-uncased`` tokenizer already in the Hugging Face cache with ``HF_HUB_OFFLINE=1``.
     """
@@ -471,12 +504,13 @@ class ImageRewardScorer:
             import ImageReward as image_reward  # noqa: N813  (the package's module name)
         except ImportError as error:
             raise RuntimeError(
-                "--image-reward needs the optional `image-reward` package, which pins transformers/timm versions "
+                "--image_reward needs the optional `image-reward` package, which pins transformers/timm versions "
                 "this project does not use: create a separate venv (`pip install image-reward`), run "
-                "`python training/evaluate.py ... --image-reward CKPT --image-reward-med-config JSON --out-dir "
-                "eval_ir` there, then `python training/evaluate.py --merge eval/per_image.csv "
-                "eval_ir/per_image.csv --out-dir eval_all` here") from error
-        for path, flag in ((checkpoint, "--image-reward"), (med_config, "--image-reward-med-config")):
+                "`python training/painterbench/evaluate.py ... --image_reward CKPT --image_reward_med_config JSON "
+                "--out_dir "
+                "eval_ir` there, then `python training/painterbench/evaluate.py --merge eval/per_image.csv "
+                "eval_ir/per_image.csv --out_dir eval_all` here") from error
+        for path, flag in ((checkpoint, "--image_reward"), (med_config, "--image_reward_med_config")):
             if not Path(path).expanduser().is_file():
                 raise ValueError(f"{flag} file {str(path)!r} does not exist; pass the local file")
         self.model = image_reward.load(str(checkpoint), device=str(device), med_config=str(med_config))

@@ -1,22 +1,23 @@
 """PainterBench-style evaluation of inpainting results (paper §4.1, DESIGN §8).
 
-Inputs: a benchmark (a folder holding ``manifest.jsonl``/``manifest.csv`` as written by ``training/bench_manifest.py``,
-or such a manifest file) of items (id, image, mask, local prompt, global prompt), and a :class:`Generator` that gives
+Inputs: a benchmark (a folder holding ``manifest.jsonl``/``manifest.csv`` as written by
+``training/painterbench/manifest.py``, or such a manifest file) of items (id, image, mask, local prompt, global
+prompt), and a :class:`Generator` that gives
 the inpainted image of an item — a folder of already generated images matched by id or source file name, or a
 PainterNet branch + base model run now through the reference pipeline (:class:`BranchGenerator`).
 
-Outputs in ``--out-dir``: ``per_image.csv`` (one row per item), ``summary.csv`` and ``summary.md`` (means overall and
+Outputs in ``--out_dir``: ``per_image.csv`` (one row per item), ``summary.csv`` and ``summary.md`` (means overall and
 per mask kind). A metric whose model flag is not given is not computed and its column is absent; a metric that is
 undefined for an item (e.g. PSNR when the mask covers the whole image) is an empty cell and is left out of the mean.
 
 Usage::
 
-    python training/evaluate.py --manifest bench/ --generated outputs/ --out-dir eval/ \\
-        --clip models/clip-vit-large-patch14 --aesthetic-head models/sac+logos+ava1-l14-linearMSE.pth \\
+    python training/painterbench/evaluate.py --manifest bench/ --generated outputs/ --out_dir eval/ \\
+        --clip models/clip-vit-large-patch14 --aesthetic_head models/sac+logos+ava1-l14-linearMSE.pth \\
         --gdino models/grounding-dino-base --device cuda
-    python training/evaluate.py --manifest bench/ --branch out/painternet.safetensors --base ./sd15 \\
-        --save-generated eval/generated --out-dir eval/ --clip models/clip-vit-large-patch14 --device cuda
-    python training/evaluate.py --merge eval/per_image.csv eval_ir/per_image.csv --out-dir eval_all/
+    python training/painterbench/evaluate.py --manifest bench/ --branch out/painternet.safetensors --base ./sd15 \\
+        --save_generated eval/generated --out_dir eval/ --clip models/clip-vit-large-patch14 --device cuda
+    python training/painterbench/evaluate.py --merge eval/per_image.csv eval_ir/per_image.csv --out_dir eval_all/
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 import numpy as np
 from PIL import Image
 
-if __package__ in (None, ""):  # run as `python training/evaluate.py`: make `training` and `painternet_core` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as `python training/painterbench/evaluate.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from training.metrics import (  # noqa: E402
+from training.painterbench.metrics import (  # noqa: E402
     PSNR_CAP_DB,
     AestheticScorer,
     ClipScorer,
@@ -61,6 +62,7 @@ __all__ = [
     "working_mask",
     "MetricSuite",
     "METRIC_COLUMNS",
+    "GDINO_RULES",
     "ITEM_COLUMNS",
     "evaluate",
     "summarize",
@@ -75,9 +77,15 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 #: Descriptive columns that start every per-image row.
 ITEM_COLUMNS: tuple[str, ...] = ("id", "mask_mode", "mask_area", "local_prompt", "global_prompt")
-#: Every metric column in output order; a run writes the subset its models allow.
-METRIC_COLUMNS: tuple[str, ...] = ("clip_sim", "local_clip_sim", "aesthetic", "image_reward", "gdino_hit",
-                                   "gdino_iou", "psnr", "mse", "lpips")
+#: Every metric column in output order; a run writes the subset its models and rules allow. Prompt-scored columns
+#: use the local prompt (PainterBench's prompts are local, paper §4.1); ``*_global`` score the item's global prompt
+#: (empty when it has none). ``gdino_crop_hit`` is the paper's Gdino rule, ``gdino_iou_hit``/``gdino_iou`` the
+#: whole-image IoU rule (see ``GroundingDinoScorer``).
+METRIC_COLUMNS: tuple[str, ...] = ("clip_sim", "clip_sim_global", "local_clip_sim", "aesthetic", "image_reward",
+                                   "image_reward_global", "gdino_crop_hit", "gdino_iou_hit", "gdino_iou", "psnr",
+                                   "mse", "lpips")
+#: ``--gdino_rule`` values: the paper's crop + phrase rule, the whole-image IoU rule, or both.
+GDINO_RULES: tuple[str, ...] = ("crop", "iou", "both")
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ class BenchItem:
 
     @property
     def clip_prompt(self) -> str:
-        """The prompt for whole-image scores: the global prompt, or the local one when the item has none."""
+        """The prompt a BrushNet-style generator is given: the global prompt, or the local one when there is none."""
         return self.global_prompt or self.local_prompt
 
 
@@ -127,8 +135,9 @@ def _item_from_record(record: dict[str, Any], base: Path, where: str) -> BenchIt
 
 
 def _read_plain_folder(root: Path) -> list[BenchItem]:
-    """The trainer's plain folder format (``training.data.FolderDataset``): ``NAME.<ext>`` image, ``NAME_mask.png``
-    (non-zero = region to generate here), ``NAME.txt`` local prompt, optional ``NAME.caption.txt`` global prompt;
+    """The trainer's plain folder format (``training.trainer.data.FolderDataset``): ``NAME.<ext>`` image,
+    ``NAME_mask.png`` (non-zero = region to generate here), ``NAME.txt`` local prompt, optional ``NAME.caption.txt``
+    global prompt;
     subfolders included, id = NAME. Images without a mask or a prompt file are skipped."""
     items: list[BenchItem] = []
     seen: set[str] = set()
@@ -165,7 +174,8 @@ def read_manifest(path: str | Path) -> list[BenchItem]:
             items = _read_plain_folder(source)
             if not items:
                 raise ValueError(f"folder {str(path)!r} has no manifest.jsonl or manifest.csv and no NAME.<ext> + "
-                                 "NAME_mask.png + NAME.txt triples; build a manifest with training/bench_manifest.py")
+                                 "NAME_mask.png + NAME.txt triples; build a manifest with "
+                                 "training/painterbench/manifest.py")
             return items
     if not source.is_file():
         raise ValueError(f"manifest {str(path)!r} does not exist; pass a .jsonl/.csv manifest or its folder")
@@ -261,7 +271,7 @@ def working_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 class BranchGenerator:
     """Inpaints every item now: a PainterNet branch file on its base model through the reference DDIM + CFG loop
-    (``training.step.inpaint``, the forward the parity tests tie to the ComfyUI nodes).
+    (``training.inference.inpaint``, the forward the parity tests tie to the ComfyUI nodes).
 
     Text input (``prompt="auto"``): the item's local prompt for PainterNet branches (the hole is conditioned on it,
     paper §3.1), its global prompt for BrushNet / PowerPaint files, which were trained on whole-image captions.
@@ -279,7 +289,7 @@ class BranchGenerator:
 
         from painternet_core.branch import PainterNetBranch
         from painternet_core.checkpoint import load_branch
-        from training.step import load_base_model
+        from training.inference import load_base_model
 
         if prompt not in ("auto", "local", "global"):
             raise ValueError(f"prompt={prompt!r}: use 'auto', 'local' (PainterNet) or 'global' (BrushNet-style)")
@@ -312,7 +322,7 @@ class BranchGenerator:
     def generate(self, item: BenchItem) -> Image.Image:
         import torch
 
-        from training.step import inpaint
+        from training.inference import inpaint
 
         source = item.load_image()
         mask = item.load_mask()
@@ -349,34 +359,57 @@ class MetricSuite:
     lpips: LpipsScorer | None = None
     pixel_metrics: bool = True
     psnr_cap: float = PSNR_CAP_DB
+    gdino_rule: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.gdino_rule not in GDINO_RULES:
+            raise ValueError(f"gdino_rule={self.gdino_rule!r}: use one of {', '.join(GDINO_RULES)} (crop is the "
+                             "paper's rule)")
 
     def columns(self) -> list[str]:
         """The metric columns this suite fills, in :data:`METRIC_COLUMNS` order."""
+        crop = self.gdino is not None and self.gdino_rule in ("crop", "both")
+        iou = self.gdino is not None and self.gdino_rule in ("iou", "both")
         present = {
-            "clip_sim": self.clip is not None, "local_clip_sim": self.clip is not None,
-            "aesthetic": self.aesthetic is not None, "image_reward": self.image_reward is not None,
-            "gdino_hit": self.gdino is not None, "gdino_iou": self.gdino is not None,
+            "clip_sim": self.clip is not None, "clip_sim_global": self.clip is not None,
+            "local_clip_sim": self.clip is not None, "aesthetic": self.aesthetic is not None,
+            "image_reward": self.image_reward is not None, "image_reward_global": self.image_reward is not None,
+            "gdino_crop_hit": crop, "gdino_iou_hit": iou, "gdino_iou": iou,
             "psnr": self.pixel_metrics, "mse": self.pixel_metrics, "lpips": self.lpips is not None,
         }
         return [column for column in METRIC_COLUMNS if present[column]]
 
     def score(self, item: BenchItem, generated: Image.Image, reference: Image.Image,
               mask: np.ndarray) -> dict[str, float]:
-        """All metrics of one item. CLIP values are 100·cosine, as in the paper's tables."""
+        """All metrics of one item. CLIP values are 100·cosine, as in the paper's tables.
+
+        Prompt-scored metrics use the local prompt (paper §4.1); the ``*_global`` variants score the global prompt
+        and are NaN (an empty cell) for an item without one.
+        """
         row: dict[str, float] = {}
         if self.clip is not None:
             crop = crop_mask_region(generated, mask)
-            cosines = self.clip.cosine([generated, crop], [item.clip_prompt, item.local_prompt])
+            images, texts = [generated, crop], [item.local_prompt, item.local_prompt]
+            if item.global_prompt:
+                images.append(generated)
+                texts.append(item.global_prompt)
+            cosines = self.clip.cosine(images, texts)
             row["clip_sim"] = 100.0 * float(cosines[0])
             row["local_clip_sim"] = 100.0 * float(cosines[1])
+            row["clip_sim_global"] = 100.0 * float(cosines[2]) if item.global_prompt else math.nan
         if self.aesthetic is not None:
             row["aesthetic"] = float(self.aesthetic.score([generated])[0])
         if self.image_reward is not None:
-            row["image_reward"] = float(self.image_reward.score(item.clip_prompt, generated))
+            row["image_reward"] = float(self.image_reward.score(item.local_prompt, generated))
+            row["image_reward_global"] = (float(self.image_reward.score(item.global_prompt, generated))
+                                          if item.global_prompt else math.nan)
         if self.gdino is not None:
-            hit, iou = self.gdino.evaluate(generated, item.local_prompt, mask)
-            row["gdino_hit"] = float(hit)
-            row["gdino_iou"] = iou
+            if self.gdino_rule in ("crop", "both"):
+                row["gdino_crop_hit"] = float(self.gdino.crop_hit(generated, item.local_prompt, mask))
+            if self.gdino_rule in ("iou", "both"):
+                hit, iou = self.gdino.evaluate(generated, item.local_prompt, mask)
+                row["gdino_iou_hit"] = float(hit)
+                row["gdino_iou"] = iou
         if self.pixel_metrics:
             region = unmasked_region_metrics(generated, reference, mask, self.psnr_cap)
             row["psnr"] = region.psnr
@@ -387,8 +420,10 @@ class MetricSuite:
 
 
 def evaluate(items: Sequence[BenchItem], generator: Generator, suite: MetricSuite, limit: int | None = None,
-             skip_missing: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Score the first ``limit`` items; returns per-image rows (``ITEM_COLUMNS`` + the suite's columns).
+             skip_missing: bool = False, progress: bool = True, rank: int = 0,
+             world_size: int = 1) -> list[dict[str, Any]]:
+    """Score this process's share of the first ``limit`` items (rank r of ``world_size`` takes items r,
+    r + world_size, ...); returns per-image rows (``ITEM_COLUMNS`` + the suite's columns) in item order.
 
     A generated image whose size differs from the source is resized to the source size (Lanczos) so the pixel
     metrics compare the same pixels. With ``skip_missing`` an item the generator cannot produce
@@ -396,7 +431,10 @@ def evaluate(items: Sequence[BenchItem], generator: Generator, suite: MetricSuit
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be >= 1 (or None for all items)")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size} is invalid; need 0 <= rank < world_size")
     chosen = list(items)[:limit] if limit is not None else list(items)
+    chosen = chosen[rank::world_size]
     rows: list[dict[str, Any]] = []
     iterator: Iterable[BenchItem] = chosen
     if progress:
@@ -463,6 +501,8 @@ def read_per_image_csv(path: str | Path) -> list[dict[str, Any]]:
     with source.open(encoding="utf-8", newline="") as handle:
         for record in csv.DictReader(handle):
             row: dict[str, Any] = {}
+            if "gdino_hit" in record:  # 0.1's name of the whole-image IoU rule's hit
+                record["gdino_iou_hit"] = record.pop("gdino_hit")
             for key, value in record.items():
                 if key in METRIC_COLUMNS or key == "mask_area":
                     row[key] = float(value) if value not in ("", None) else math.nan
@@ -475,7 +515,7 @@ def read_per_image_csv(path: str | Path) -> list[dict[str, Any]]:
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Means of every metric column: one row for ``all`` then one per mask kind (sorted), each with ``n`` items.
 
-    NaN cells (undefined metrics) are left out of a mean; ``gdino_hit``'s mean is the Gdino accuracy.
+    NaN cells (undefined metrics) are left out of a mean; ``gdino_crop_hit``'s mean is the paper's Gdino accuracy.
     """
     columns = _metric_columns_of(rows)
     groups: dict[str, list[dict[str, Any]]] = {"all": list(rows)}
@@ -549,48 +589,61 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--base", help="with --branch: the base model (diffusers folder or single-file .safetensors)")
     source.add_argument("--merge", nargs="+", metavar="CSV",
                         help="instead of evaluating, join these per_image.csv files by id and summarise them")
-    source.add_argument("--out-dir", required=True, help="writes per_image.csv, summary.csv, summary.md here")
+    source.add_argument("--out_dir", required=True, help="writes per_image.csv, summary.csv, summary.md here")
     source.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    source.add_argument("--skip-missing", action="store_true", help="log and skip items without a generated image")
+    source.add_argument("--skip_missing", action="store_true", help="log and skip items without a generated image")
     models = parser.add_argument_group("models (local paths; nothing is downloaded)")
     models.add_argument("--clip", help="CLIPModel folder for CLIP Sim and local CLIP Sim (paper: ViT-L/14)")
-    models.add_argument("--aesthetic-head", help="LAION aesthetic head state dict (.pth/.safetensors)")
-    models.add_argument("--aesthetic-clip", help="CLIP ViT-L/14 folder for the aesthetic head (default: --clip)")
-    models.add_argument("--image-reward", metavar="CKPT", help="ImageReward.pt (needs the optional image-reward pkg)")
-    models.add_argument("--image-reward-med-config", metavar="JSON", help="ImageReward's med_config.json")
+    models.add_argument("--aesthetic_head", help="LAION aesthetic head state dict (.pth/.safetensors)")
+    models.add_argument("--aesthetic_clip", help="CLIP ViT-L/14 folder for the aesthetic head (default: --clip)")
+    models.add_argument("--image_reward", metavar="CKPT", help="ImageReward.pt (needs the optional image-reward pkg)")
+    models.add_argument("--image_reward_med_config", metavar="JSON", help="ImageReward's med_config.json")
     models.add_argument("--gdino", help="GroundingDinoForObjectDetection folder (model + processor)")
-    models.add_argument("--gdino-box-threshold", type=float, default=0.35)
-    models.add_argument("--gdino-text-threshold", type=float, default=0.25)
-    models.add_argument("--gdino-iou", type=float, default=0.5, help="IoU with the mask box that makes a hit")
-    models.add_argument("--lpips-backbone", help="torchvision state dict of the LPIPS backbone (needs `lpips` pkg)")
-    models.add_argument("--lpips-net", default="alex", choices=("alex", "vgg", "squeeze"))
-    models.add_argument("--psnr-cap", type=float, default=PSNR_CAP_DB, help="PSNR reported for identical regions")
-    models.add_argument("--no-pixel-metrics", action="store_true", help="skip PSNR/MSE (e.g. in the ImageReward env)")
+    models.add_argument("--gdino_box_threshold", type=float, default=0.35)
+    models.add_argument("--gdino_text_threshold", type=float, default=0.25)
+    models.add_argument("--gdino_rule", choices=GDINO_RULES, default="crop",
+                        help="Gdino accuracy rule: crop = the paper's (detect on the mask's crop, hit when the predicted "
+                             "phrase matches the local prompt; column gdino_crop_hit), iou = detect on the whole image, "
+                             "hit when a box overlaps the mask's box (gdino_iou_hit, gdino_iou), both")
+    models.add_argument("--gdino_iou", type=float, default=0.5,
+                        help="with --gdino_rule iou/both: IoU with the mask box that makes a hit")
+    models.add_argument("--lpips_backbone", help="torchvision state dict of the LPIPS backbone (needs `lpips` pkg)")
+    models.add_argument("--lpips_net", default="alex", choices=("alex", "vgg", "squeeze"))
+    models.add_argument("--psnr_cap", type=float, default=PSNR_CAP_DB, help="PSNR reported for identical regions")
+    models.add_argument("--no_pixel_metrics", action="store_true", help="skip PSNR/MSE (e.g. in the ImageReward env)")
     gen = parser.add_argument_group("generation (with --branch; reference DDIM + CFG loop)")
-    gen.add_argument("--single-file-config", help="local diffusers folder giving a single-file base its configs")
+    gen.add_argument("--single_file_config", help="local diffusers folder giving a single-file base its configs")
     gen.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--guidance_scale", type=float, default=7.5)
     gen.add_argument("--scale", type=float, default=1.0, help="branch strength (the node's `scale`)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--gen-prompt", choices=("auto", "local", "global"), default="auto",
+    gen.add_argument("--gen_prompt", choices=("auto", "local", "global"), default="auto",
                      help="text input of the generation: local prompt (auto for PainterNet branches) or global "
                           "prompt (auto for BrushNet/PowerPaint files)")
     gen.add_argument("--resolution", type=int, default=None,
                      help="generate at about RESOLUTION² pixels, aspect kept (default 512 SD1.5, 1024 SDXL; 0 = "
                           "each item's own size)")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="generation weights dtype")
-    gen.add_argument("--save-generated", help="also write the generated images here as <id>.png")
+    gen.add_argument("--save_generated", help="also write the generated images here as <id>.png")
     parser.add_argument("--device", default="cpu", help="torch device for the models, e.g. cuda or cuda:1")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Evaluate (or merge); under ``accelerate launch`` / ``torchrun`` every process scores its own items and the main
+    process writes the merged tables, rows in manifest order."""
+    from training.cli import gather_in_order, parse_args, process_state, rank_device
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    state = process_state()
+    args.device = rank_device(args.device, state)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out_dir = Path(args.out_dir)
     if args.merge:
+        if not state.is_main_process:  # one writer
+            return 0
         try:
             markdown = _write_outputs(merge_results(args.merge), out_dir, None)
         except ValueError as error:
@@ -602,9 +655,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.branch) != bool(args.base):
         parser.error("--branch and --base go together: pass the branch file and its base model")
     if bool(args.image_reward) != bool(args.image_reward_med_config):
-        parser.error("--image-reward and --image-reward-med-config go together: pass both local files")
+        parser.error("--image_reward and --image_reward_med_config go together: pass both local files")
     if args.aesthetic_head and not (args.aesthetic_clip or args.clip):
-        parser.error("--aesthetic-head needs CLIP ViT-L/14: pass --aesthetic-clip (or --clip)")
+        parser.error("--aesthetic_head needs CLIP ViT-L/14: pass --aesthetic_clip (or --clip)")
     try:
         items = read_manifest(args.manifest)
         generator: Generator
@@ -629,13 +682,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             gdino=(GroundingDinoScorer(args.gdino, args.device, args.gdino_box_threshold,
                                        args.gdino_text_threshold, args.gdino_iou) if args.gdino else None),
             lpips=LpipsScorer(args.lpips_backbone, args.lpips_net, args.device) if args.lpips_backbone else None,
-            pixel_metrics=not args.no_pixel_metrics, psnr_cap=args.psnr_cap)
+            pixel_metrics=not args.no_pixel_metrics, psnr_cap=args.psnr_cap, gdino_rule=args.gdino_rule)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
     if not suite.columns():
-        parser.error("no metric selected: give a model flag (e.g. --clip) or drop --no-pixel-metrics")
-    rows = evaluate(items, generator, suite, limit=args.limit, skip_missing=args.skip_missing,
-                    progress=not args.no_progress)
+        parser.error("no metric selected: give a model flag (e.g. --clip) or drop --no_pixel_metrics")
+    mine = evaluate(items, generator, suite, limit=args.limit, skip_missing=args.skip_missing,
+                    progress=not args.no_progress and state.is_local_main_process, rank=state.process_index,
+                    world_size=state.num_processes)
+    logger.info("rank %d/%d scored %d items", state.process_index, state.num_processes, len(mine))
+    order = {item.id: n for n, item in enumerate(items)}
+    rows = gather_in_order(mine, state, key=lambda row: order[row["id"]])
+    if not state.is_main_process:
+        return 0
     markdown = _write_outputs(rows, out_dir, suite.columns())
     print(markdown, end="")
     return 0

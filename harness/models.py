@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from conftest import CACHE
+from harness import CACHE
 
 MODELS = os.path.join(CACHE, "test-models")
 

@@ -12,7 +12,7 @@ Can a frozen *random* tiny base carry the signal? No, and that decides the set-u
     * a random VAE decoder does not invert its encoder, so whatever latent the model produces decodes to colour noise;
       no amount of branch training moves a colour classifier in pixel space. The VAE must therefore
       reconstruct these images. Training one was measured to be the obstacle (64×64, batch 16, 1 CPU thread):
-      ``training.tiny``'s VAE has GroupNorm(8) over 8 channels, i.e. a per-channel instance norm that removes the
+      ``training.trainer.presets``' VAE has GroupNorm(8) over 8 channels, i.e. a per-channel instance norm that removes the
       mean colour of flat regions (10-20 % colour accuracy of held-out *reconstructions* after 300 steps); training
       through the sampled posterior learns a gray blur; GroupNorm(1) on the posterior mean, 400 steps: 44 %; width 32
       with 3 levels (×4), 400 steps at ~0.5 s/step: 69 %. So the task's VAE (:func:`task_vae`) is *constructed*: the
@@ -29,7 +29,7 @@ Can a frozen *random* tiny base carry the signal? No, and that decides the set-u
       with the local prompt as its caption (10 % empty-prompt dropout, for CFG). It can then draw a red circle, but
       not *where the hole is* — that is exactly what the branch has to add.
     Both are cached under ``.cache/learning_task/<hash of the settings>/`` as a diffusers folder that
-    ``training/train.py --pretrained_model_name_or_path`` loads unchanged, so the trainer's real code path is used.
+    ``training/trainer/train.py --pretrained_model_name_or_path`` loads unchanged, so the trainer's real code path is used.
 
 Measured (bench/learning_check.py, 2-core CPU, 1 thread; base: 400 UNet pretraining steps, seed 0; branch batch 8;
 24 held-out scenes; DDIM 20 steps, CFG 5; colour accuracy / in-hole attention mass of the prompt tokens)
@@ -86,7 +86,7 @@ import torch.nn.functional as F
 
 from painternet_core.masks import paper_mix_mask
 
-from .data import _draw_shape
+from training.trainer.data import draw_shape
 
 logger = logging.getLogger("painternet.training")
 
@@ -163,11 +163,11 @@ def task_scene(index: int, seed: int, size: int = 64) -> tuple[np.ndarray, np.nd
         for _ in range(20):
             spot = (int(rng.integers(small, size - small)), int(rng.integers(small, size - small)))
             if math.dist(spot, centre) > radius + small + 3:
-                _draw_shape(canvas, np.zeros((size, size), np.uint8), SHAPES[int(rng.integers(len(SHAPES)))],
+                draw_shape(canvas, np.zeros((size, size), np.uint8), SHAPES[int(rng.integers(len(SHAPES)))],
                             TARGET_COLOURS[other], spot, small, float(rng.uniform(0, 2 * math.pi)))
                 break
     seg = np.zeros((size, size), dtype=np.uint8)
-    _draw_shape(canvas, seg, shape, TARGET_COLOURS[colour], centre, radius, float(rng.uniform(0, 2 * math.pi)))
+    draw_shape(canvas, seg, shape, TARGET_COLOURS[colour], centre, radius, float(rng.uniform(0, 2 * math.pi)))
     return canvas, seg, colour, shape
 
 
@@ -346,7 +346,7 @@ def _set_vae_scaling(vae: Any, images: torch.Tensor) -> float:
 
 def _train_unet(base: Any, images: torch.Tensor, prompts: Sequence[str], settings: PretrainSettings) -> float:
     """Text-to-image epsilon training of the base UNet on the local prompts; returns the last loss."""
-    from .step import encode_prompts, vae_encoder
+    from training.inference import encode_prompts, vae_encoder
 
     unet = base.unet.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.unet_lr, weight_decay=0.0)
@@ -381,8 +381,8 @@ def _train_unet(base: Any, images: torch.Tensor, prompts: Sequence[str], setting
 def prepare_base(settings: PretrainSettings, cache_root: str | Path) -> Path:
     """The pretrained tiny SD1.5-shaped base for ``settings``, built once and cached under
     ``cache_root/<settings.key()>`` (written to a temporary folder, then renamed: a killed run leaves no half base)."""
-    from .step import load_base_model
-    from .tiny import save_tiny_pipeline
+    from training.inference import load_base_model
+    from training.trainer.presets import save_tiny_pipeline
 
     target = Path(cache_root) / settings.key()
     if (target / "model_index.json").is_file():
@@ -471,7 +471,7 @@ def attention_mass(base: Any, branch: Any, samples: Sequence[TaskSample], *, see
     from painternet_core.atal import ATALAttnProcessor, ATALRecorder, infer_map_size, install_atal_processors
     from painternet_core.conditioning import prepare_condition
 
-    from .step import encode_prompts, vae_encoder
+    from training.inference import encode_prompts, vae_encoder
 
     processors = [m.processor for m in branch.modules() if isinstance(getattr(m, "processor", None),
                                                                       ATALAttnProcessor)]
@@ -526,8 +526,8 @@ class EvalResult:
 
 def train_setting(flags: Sequence[str], *, base_path: Path, data_dir: Path, output_dir: Path, steps: int,
                   learning_rate: float, beta: float, batch_size: int, seed: int) -> Any:
-    """Train one branch through ``training/train.py``'s ``main`` (the real trainer) and return it (eval mode)."""
-    from .train import main
+    """Train one branch through ``training/trainer/train.py``'s ``main`` (the real trainer) and return it (eval mode)."""
+    from training.trainer.train import main
 
     argv = ["--pretrained_model_name_or_path", str(base_path), "--train_data", str(data_dir),
             "--output_dir", str(output_dir), "--resolution", "64", "--max_train_steps", str(steps),
@@ -540,8 +540,8 @@ def train_setting(flags: Sequence[str], *, base_path: Path, data_dir: Path, outp
 
 def evaluate_branch(base: Any, branch: Any, samples: Sequence[TaskSample], *, seed: int, num_inference_steps: int = 20,
                     guidance_scale: float = 5.0) -> EvalResult:
-    """Inpaint every sample (grouped by prompt, DDIM + CFG through ``training.step.inpaint``) and score it."""
-    from .step import inpaint
+    """Inpaint every sample (grouped by prompt, DDIM + CFG through ``training.inference.inpaint``) and score it."""
+    from training.inference import inpaint
 
     raw: dict[int, np.ndarray] = {}
     groups: dict[str, list[int]] = {}

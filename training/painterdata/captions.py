@@ -17,31 +17,30 @@ output shard is complete and is skipped on the next run; stale temp files are re
 
 Usage::
 
-    python training/captions.py --shards data/brushdata/ --out-dir data/painterdata/ \\
+    python training/painterdata/captions.py --shards data/brushdata/ --out_dir data/painterdata/ \\
         --captioner models/blip-large --shortener models/qwen2.5-0.5b-instruct --clip models/clip-vit-large-patch14
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
-import re
 import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
-if __package__ in (None, ""):  # run as `python training/captions.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as `python training/painterdata/captions.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from training.data import rle_decode  # noqa: E402
-from training.metrics import ClipScorer, crop_mask_region  # noqa: E402
+from training.painterbench.metrics import ClipScorer, crop_mask_region  # noqa: E402
+from training.painterdata.shards import (LOCAL_CAPTION, LOCAL_CAPTION_META, decode_segmentation,  # noqa: E402
+                                         iter_shard, list_shards, local_caption_members, member_ext, member_int)
 
 logger = logging.getLogger("painternet.training")
 
@@ -52,12 +51,11 @@ __all__ = [
     "TransformersCaptioner",
     "TransformersShortener",
     "ClipCaptionFilter",
-    "decode_segmentation",
-    "iter_tar_samples",
     "ShardStats",
     "caption_objects",
     "process_shard",
     "process_shards",
+    "build_parser",
     "main",
 ]
 
@@ -206,45 +204,6 @@ class ClipCaptionFilter:
         return score >= self.threshold
 
 
-def decode_segmentation(payload: bytes | str, height: int, width: int) -> list[np.ndarray]:
-    """A BrushData ``.segmentation`` member (JSON ``{"mask": [rle, ...]}``) → one float32 {0,1} mask per object.
-
-    The RLE decoding is the trainer's own (:func:`training.data.rle_decode`: 1-based (start, length) pairs,
-    column-major), so captions are aligned with exactly the masks the trainer will read.
-    """
-    data = json.loads(payload)
-    if not isinstance(data, dict) or not isinstance(data.get("mask"), list):
-        raise ValueError('segmentation JSON must be {"mask": [rle, ...]}')
-    return [rle_decode(rle, height, width).astype(np.float32) for rle in data["mask"]]
-
-
-_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-
-
-def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, list[tuple[tarfile.TarInfo, bytes]]]]:
-    """Yield (key, [(member info, bytes), ...]) per sample, grouping consecutive members by webdataset key (the name
-    up to the first '.' of the file name), in tar order."""
-    with tarfile.open(path, "r") as archive:
-        key: str | None = None
-        members: list[tuple[tarfile.TarInfo, bytes]] = []
-        for info in archive:
-            if not info.isfile():
-                continue
-            match = _KEY.match(info.name)
-            if match is None:
-                logger.warning("%s: member %r has no extension; skipped", path, info.name)
-                continue
-            handle = archive.extractfile(info)
-            payload = handle.read() if handle is not None else b""
-            if match.group(1) != key and members:
-                yield key, members  # type: ignore[misc]
-                members = []
-            key = match.group(1)
-            members.append((info, payload))
-        if members:
-            yield key, members  # type: ignore[misc]
-
-
 @dataclass
 class ShardStats:
     """What one shard produced (``skipped`` = the output already existed)."""
@@ -293,15 +252,6 @@ def caption_objects(image: Image.Image, masks: Sequence[np.ndarray], captioner: 
     return captions, meta
 
 
-def _text_int(payload: bytes | None) -> int | None:
-    if payload is None:
-        return None
-    try:
-        return int(payload.decode("utf-8").strip())
-    except ValueError:
-        return None
-
-
 def _add_member(archive: tarfile.TarFile, name: str, payload: bytes, like: tarfile.TarInfo | None) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
@@ -328,16 +278,15 @@ def process_shard(source: str | Path, out_dir: str | Path, captioner: Captioner,
     temp = target.parent / f".{source.name}.tmp-{os.getpid()}"
     try:
         with tarfile.open(temp, "w") as archive:
-            for key, members in iter_tar_samples(source):
+            for sample in iter_shard(source):
                 stats.samples += 1
-                by_ext = {tarfile_name_ext(info.name): payload for info, payload in members}
-                added = _caption_sample(key, by_ext, captioner, shortener, clip_filter, stats)
-                for info, payload in members:
-                    if tarfile_name_ext(info.name) in ("local_caption", "local_caption_meta") and added:
+                added = _caption_sample(sample.key, sample.by_ext(), captioner, shortener, clip_filter, stats)
+                for name, payload, info in sample.members:
+                    if member_ext(name) in (LOCAL_CAPTION, LOCAL_CAPTION_META) and added:
                         continue  # replaced by the fresh captions
-                    _add_member(archive, info.name, payload, info)
+                    _add_member(archive, name, payload, info)
                 for ext, payload in added.items():
-                    _add_member(archive, f"{key}.{ext}", payload, members[0][0])
+                    _add_member(archive, f"{sample.key}.{ext}", payload, sample.members[0][2])
         os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -345,12 +294,6 @@ def process_shard(source: str | Path, out_dir: str | Path, captioner: Captioner,
     logger.info("%s: %d samples, %d objects, %d captions kept, %d malformed", source.name, stats.samples,
                 stats.objects, stats.kept, stats.malformed)
     return stats
-
-
-def tarfile_name_ext(name: str) -> str:
-    """The webdataset extension of a member name (everything after the first '.' of the file name)."""
-    match = _KEY.match(name)
-    return match.group(2) if match else ""
 
 
 def _caption_sample(key: str, by_ext: dict[str, bytes], captioner: Captioner, shortener: Shortener | None,
@@ -362,8 +305,8 @@ def _caption_sample(key: str, by_ext: dict[str, bytes], captioner: Captioner, sh
     try:
         with Image.open(io.BytesIO(by_ext["image"])) as opened:
             image = opened.convert("RGB")
-        height = _text_int(by_ext.get("height")) or image.height
-        width = _text_int(by_ext.get("width")) or image.width
+        height = member_int(by_ext.get("height")) or image.height
+        width = member_int(by_ext.get("width")) or image.width
         if (height, width) != (image.height, image.width):
             raise ValueError(f".height/.width {height}x{width} differ from the image's {image.height}x{image.width}")
         masks = decode_segmentation(by_ext["segmentation"], height, width)
@@ -376,33 +319,21 @@ def _caption_sample(key: str, by_ext: dict[str, bytes], captioner: Captioner, sh
     stats.kept += sum(caption is not None for caption in captions)
     stats.rejected += [entry["clip"] for entry, caption in zip(meta, captions)
                        if entry is not None and caption is None and entry["clip"] is not None]
-    return {"local_caption": json.dumps(captions, ensure_ascii=False).encode("utf-8"),
-            "local_caption_meta": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
-
-
-def list_shards(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand folders to their ``*.tar`` files (sorted); files are taken as given."""
-    shards: list[Path] = []
-    for path in paths:
-        entry = Path(path).expanduser()
-        if entry.is_dir():
-            shards += sorted(entry.glob("*.tar"))
-        elif entry.is_file():
-            shards.append(entry)
-        else:
-            raise ValueError(f"shard path {str(path)!r} does not exist; pass .tar files or folders of them")
-    if not shards:
-        raise ValueError(f"no .tar shards found in {[str(p) for p in paths]}")
-    return shards
+    return local_caption_members(captions, meta)
 
 
 def process_shards(shards: Sequence[str | Path], out_dir: str | Path, captioner: Captioner,
                    shortener: Shortener | None = None, clip_filter: ClipCaptionFilter | None = None,
-                   progress: bool = True) -> list[ShardStats]:
-    """Caption every shard (folders expanded to their ``*.tar``), skipping those already complete in ``out_dir``."""
-    shard_paths = list_shards(shards)
+                   progress: bool = True, rank: int = 0, world_size: int = 1) -> list[ShardStats]:
+    """Caption this process's shards (folders expanded to their ``*.tar``; rank r of ``world_size`` takes shards
+    r, r + world_size, ...), skipping those already complete in ``out_dir``. Each output shard depends only on its
+    input shard, so the result is the same for any number of processes."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size} is invalid; need 0 <= rank < world_size")
+    shard_paths = [Path(path) for path in list_shards(shards)]
     if any(Path(out_dir).resolve() == path.parent.resolve() for path in shard_paths):
-        raise ValueError(f"--out-dir {str(out_dir)!r} holds the input shards; write to another folder")
+        raise ValueError(f"--out_dir {str(out_dir)!r} holds the input shards; write to another folder")
+    shard_paths = shard_paths[rank::world_size]
     iterator: Any = shard_paths
     if progress:
         from tqdm import tqdm
@@ -411,27 +342,41 @@ def process_shards(shards: Sequence[str | Path], out_dir: str | Path, captioner:
     return [process_shard(path, out_dir, captioner, shortener, clip_filter) for path in iterator]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of the caption CLI (snake_case; the 0.1 kebab-case spellings still parse, with a warning)."""
     parser = argparse.ArgumentParser(description="PainterData: local captions for BrushData segmentation objects "
                                                  "(captioner → optional shortener → CLIP filter), resumable.")
     parser.add_argument("--shards", nargs="+", required=True, help="BrushData .tar shards or folders of them")
-    parser.add_argument("--out-dir", required=True, help="folder for the captioned shards (same file names)")
+    parser.add_argument("--out_dir", required=True, help="folder for the captioned shards (same file names)")
     parser.add_argument("--captioner", required=True, help="local vision-language model folder (image-to-text)")
-    parser.add_argument("--captioner-prompt", default=None,
+    parser.add_argument("--captioner_prompt", default=None,
                         help="prompt/prefix for the captioner (chat VLMs: the question; BLIP: e.g. 'a picture of')")
-    parser.add_argument("--captioner-max-new-tokens", type=int, default=40)
+    parser.add_argument("--captioner_max_new_tokens", type=int, default=40)
     parser.add_argument("--shortener", default=None, help="local causal LM folder that shortens captions (optional)")
-    parser.add_argument("--shortener-instruction", default=DEFAULT_SHORTEN_INSTRUCTION,
+    parser.add_argument("--shortener_instruction", default=DEFAULT_SHORTEN_INSTRUCTION,
                         help="prompt with a {caption} placeholder")
     parser.add_argument("--clip", default=None, help="local CLIPModel folder for the filter")
     parser.add_argument("--threshold", type=float, default=PAPER_CLIP_THRESHOLD, help="raw cosine (paper: 0.2)")
-    parser.add_argument("--no-clip-filter", action="store_true", help="keep every caption (no --clip needed)")
+    parser.add_argument("--no_clip_filter", action="store_true", help="keep every caption (no --clip needed)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Caption shards; under ``accelerate launch`` / ``torchrun`` every process takes its own shards and the main
+    process prints the merged summary."""
+    import dataclasses
+
+    from training.cli import gather_in_order, parse_args, process_state, rank_device
+
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    state = process_state()
+    args.device = rank_device(args.device, state)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not args.clip and not args.no_clip_filter:
-        parser.error("the CLIP filter needs --clip (a local CLIPModel folder); pass --no-clip-filter to keep all")
+        parser.error("the CLIP filter needs --clip (a local CLIPModel folder); pass --no_clip_filter to keep all")
     try:
         captioner = TransformersCaptioner(args.captioner, args.device, args.captioner_prompt,
                                           args.captioner_max_new_tokens)
@@ -439,10 +384,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                      if args.shortener else None)
         clip_filter = None if args.no_clip_filter else ClipCaptionFilter(ClipScorer(args.clip, args.device),
                                                                          args.threshold)
-        stats = process_shards(args.shards, args.out_dir, captioner, shortener, clip_filter,
-                               progress=not args.no_progress)
+        mine = process_shards(args.shards, args.out_dir, captioner, shortener, clip_filter,
+                              progress=not args.no_progress and state.is_local_main_process,
+                              rank=state.process_index, world_size=state.num_processes)
     except ValueError as error:
         parser.error(str(error))
+    order = {Path(path).name: n for n, path in enumerate(list_shards(args.shards))}
+    merged = gather_in_order([dataclasses.asdict(s) for s in mine], state, key=lambda s: order[s["shard"]])
+    logger.info("rank %d/%d captioned %d shards", state.process_index, state.num_processes, len(mine))
+    if not state.is_main_process:
+        return 0
+    stats = [ShardStats(**entry) for entry in merged]
     done = [s for s in stats if not s.skipped]
     print(f"{len(done)} shards captioned, {len(stats) - len(done)} already complete; "
           f"{sum(s.kept for s in done)}/{sum(s.objects for s in done)} object captions kept, "

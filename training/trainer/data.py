@@ -5,8 +5,10 @@ prompt):
 
 * ``pixel_values`` float32 (3, H, W) in [-1, 1]; ``mask`` float32 (1, H, W) in {0, 1}, **1 = hole** (DESIGN §2),
   drawn from the object's segmentation by ``painternet_core.masks`` (``paper_mix`` by default, paper Eq. 6);
-* ``prompt``: the object's local caption when there is one (paper §3.2 uses local prompts), else the global caption;
-  ``caption``: the global caption. Prompt dropout is the training loop's job, so it can zero SDXL embeddings;
+* ``prompt``: the object's local caption (paper §3.2 trains on local prompts; see :class:`BrushDataShards` for
+  objects without one); ``caption``: the global caption; ``atal``: False when the prompt is a scene caption used as
+  a fallback, which excludes the sample from ATAL. Prompt dropout is the training loop's job (it zeroes SDXL
+  embeddings);
 * SDXL micro-conditioning from the *real* crop: ``original_size`` (H, W of the decoded image),
   ``crops_coords_top_left`` (top, left of the crop in the resized image, as diffusers' SDXL scripts define it) and
   ``target_size``.
@@ -22,10 +24,10 @@ depends on the slot.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
+import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -39,16 +41,17 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from painternet_core.masks import MASK_MODES, generate_mask, paper_mix_mask
+from training.painterdata.shards import (MalformedSample, decode_image, first_object_only, iter_shard,
+                                         list_shards, local_captions, member_text, rle_decode, segmentation_rles)
 
 logger = logging.getLogger("painternet.training")
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "MalformedSample",
-    "rle_decode",
+    "CAPTION_FALLBACKS",
+    "NoLocalCaption",
     "prepare_sample",
     "collate_samples",
-    "sdxl_time_ids",
     "slot_info",
     "BrushDataShards",
     "FolderDataset",
@@ -57,53 +60,17 @@ __all__ = [
     "synthetic_scene",
     "SYNTHETIC_COLORS",
     "SYNTHETIC_SHAPES",
+    "draw_shape",
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: What a BrushData sample whose chosen object has no kept local caption does (see :class:`BrushDataShards`).
+CAPTION_FALLBACKS: tuple[str, ...] = ("skip", "global")
 Resolution = int | tuple[int, int]
 
 
-class MalformedSample(ValueError):
-    """A sample that cannot be used (missing member, undecodable image, bad RLE...). Readers skip and count it."""
-
-
-# --------------------------------------------------------------------------------------------------------- decoding
-def rle_decode(rle: Sequence[int] | str, height: int, width: int) -> np.ndarray:
-    """Decode BrushData's RLE into an (height, width) uint8 {0, 1} mask.
-
-    Format: flat 1-based (start, length) pairs over the image flattened in **column-major** (Fortran) order, as a
-    list of ints or a whitespace-separated string. Why strict checks: a wrong height/width or a truncated RLE would
-    otherwise silently produce a shifted mask that trains the branch on the wrong region.
-    """
-    try:
-        values = np.asarray(rle.split() if isinstance(rle, str) else rle, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError) as error:
-        raise MalformedSample(f"RLE is not a list of integers: {str(rle)[:60]!r}") from error
-    if values.size % 2:
-        raise MalformedSample(f"RLE has an odd number of values ({values.size}); it must be (start, length) pairs")
-    starts, lengths = values[0::2] - 1, values[1::2]
-    total = height * width
-    if values.size and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > total):
-        raise MalformedSample(f"RLE runs leave the {height}x{width} image (starts are 1-based, ends ≤ {total})")
-    flat = np.zeros(total, dtype=np.uint8)
-    for start, length in zip(starts.tolist(), lengths.tolist()):
-        flat[start:start + length] = 1
-    return flat.reshape((height, width), order="F")
-
-
-def _decode_image(data: bytes) -> np.ndarray:
-    """Bytes (jpg/png/webp...) → (H, W, 3) uint8 RGB."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise MalformedSample(f"image cannot be decoded: {error}") from error
-
-
-def _text(data: bytes | str) -> str:
-    return data.decode("utf-8") if isinstance(data, bytes) else data
+class NoLocalCaption(MalformedSample):
+    """A BrushData sample none of whose objects has a kept local caption (skipped with ``caption_fallback='skip'``)."""
 
 
 # --------------------------------------------------------------------------------------------------------- pipeline
@@ -168,13 +135,14 @@ def prepare_sample(image: np.ndarray, segmentation: np.ndarray, prompt: str, cap
         "target_size": (target_h, target_w),
         "mask_kind": kind,
         "key": key,
+        "atal": True,
     }
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of :func:`prepare_sample` dicts; texts stay lists of str (tokenized in the loop, not here).
 
-    Sizes become (B, 2) long tensors; :func:`sdxl_time_ids` turns them into SDXL's ``time_ids``.
+    Sizes become (B, 2) long tensors; ``training.inference.sdxl_time_ids`` turns them into SDXL's ``time_ids``.
     """
     if not samples:
         raise ValueError("collate_samples got an empty batch; check that the dataset yields samples.")
@@ -188,13 +156,9 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "target_size": torch.tensor([s["target_size"] for s in samples], dtype=torch.long),
         "mask_kind": [s["mask_kind"] for s in samples],
         "key": [s["key"] for s in samples],
+        "atal": torch.tensor([bool(s.get("atal", True)) for s in samples], dtype=torch.bool),
+        "position": [s.get("position") for s in samples],
     }
-
-
-def sdxl_time_ids(batch: dict[str, Any], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """SDXL ``add_time_ids`` (B, 6) = original_size ‖ crops_coords_top_left ‖ target_size, the order of
-    diffusers' ``StableDiffusionXLPipeline._get_add_time_ids``."""
-    return torch.cat([batch["original_size"], batch["crops_coords_top_left"], batch["target_size"]], dim=1).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------------- sharding
@@ -234,8 +198,30 @@ class _SlotStream(IterableDataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Start from ``epoch`` (changes shuffles and per-sample draws; used when resuming)."""
+        """Start from ``epoch`` (changes shuffles and per-sample draws)."""
         self.epoch = epoch
+
+    def resume(self, positions: dict[int, dict[str, Any]], rotation: int = 0) -> None:
+        """Continue each rank×worker slot right after the sample whose ``position`` is ``positions[slot]``.
+
+        Every sample carries ``position``: its slot and the slot's stream state after it (epoch, records read from
+        the epoch's input, the record numbers in the shuffle buffer, the shuffle generator's state). Resuming skips
+        the records already read **without building them** (no image decode, no mask drawing) and rebuilds only the
+        samples that were waiting in the shuffle buffer, so a resume at step 50k costs a buffer's worth of decodes,
+        not 50k batches. ``rotation``: a DataLoader hands batch i to worker i mod W, so after B consumed batches the
+        next one comes from worker B mod W; worker w of the new loader plays worker (w + rotation) mod W. Call
+        before iterating (DataLoader workers copy the dataset when they start).
+        """
+        self.start_positions = {int(slot): dict(position) for slot, position in positions.items()}
+        self.rotation = int(rotation)
+
+    def _slot(self) -> tuple[int, int]:
+        slot, slots = slot_info(self.rank, self.world_size)
+        workers = slots // self.world_size
+        rotation = getattr(self, "rotation", 0)
+        if rotation and workers > 1:
+            slot = (slot // workers) * workers + (slot % workers + rotation) % workers
+        return slot, slots
 
     def _units(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         """Raw records of this slot for one epoch (each with a ``key``); subclasses implement."""
@@ -251,31 +237,74 @@ class _SlotStream(IterableDataset):
         level = logging.WARNING if total <= 20 else logging.DEBUG
         logger.log(level, "skipping malformed sample %r (%s); %d skipped so far in this worker", key, error, total)
 
+    def _build_or_skip(self, record: dict[str, Any], epoch: int) -> dict[str, Any] | None:
+        try:
+            return self._build(record, _sample_seed(self.seed, epoch, record["key"]))
+        except (MalformedSample, KeyError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            self._skip(record.get("key", "?"), error)
+            return None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        slot, slots = slot_info(self.rank, self.world_size)
-        epoch = self.epoch
+        slot, slots = self._slot()
+        start = getattr(self, "start_positions", {}).get(slot)
+        epoch = int(start["epoch"]) if start else self.epoch
         while True:
             shuffle_rng = np.random.default_rng([self.seed, epoch, slot, 7919])
-            buffer: list[dict[str, Any]] = []
-            for record in self._units(epoch, slot, slots):
-                try:
-                    sample = self._build(record, _sample_seed(self.seed, epoch, record["key"]))
-                except (MalformedSample, KeyError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as error:
-                    self._skip(record.get("key", "?"), error)
+            buffer: list[tuple[int, dict[str, Any]]] = []  # (record number in the epoch, sample)
+            built = 0
+            skip_to = -1
+            if start is not None:  # resume: restore the stream state without building what was consumed
+                skip_to = int(start["consumed"]) - 1
+                pending = [int(n) for n in start["buffer"]]
+                shuffle_rng.bit_generator.state = start["rng"]
+                waiting: dict[int, dict[str, Any]] = {}
+                start = None
+            else:
+                pending, waiting = [], {}
+            consumed = 0
+            for number, record in enumerate(self._units(epoch, slot, slots)):
+                consumed = number + 1
+                if number <= skip_to:
+                    if number in pending:
+                        sample = self._build_or_skip(record, epoch)
+                        if sample is not None:
+                            waiting[number] = sample
+                    if number == skip_to:
+                        buffer = [(n, waiting[n]) for n in pending if n in waiting]
                     continue
+                sample = self._build_or_skip(record, epoch)
+                if sample is None:
+                    continue
+                built += 1
                 if not self.shuffle:
-                    yield sample
+                    yield self._stamp(sample, slot, epoch, consumed, [], shuffle_rng)
                     continue
-                buffer.append(sample)
+                buffer.append((number, sample))
                 if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                    _, out = buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                    yield self._stamp(out, slot, epoch, consumed, [n for n, _ in buffer], shuffle_rng)
             while buffer:
-                yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                _, out = buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                built += 1
+                yield self._stamp(out, slot, epoch, consumed, [n for n, _ in buffer], shuffle_rng)
             if self.skipped:
                 logger.info("epoch %d slot %d/%d: skipped %s", epoch, slot, slots, dict(self.skipped))
             if not self.repeat:
                 return
+            if not built:  # repeating an epoch that yields nothing would spin forever
+                raise RuntimeError(
+                    f"rank×worker slot {slot}/{slots} got no usable sample in epoch {epoch} (skipped so far: "
+                    f"{dict(self.skipped) or 'none; it has no input'}); give every slot data (more shards or images "
+                    "than ranks × workers), caption the shards with training/painterdata/captions.py, or pass "
+                    "--caption_fallback global to train objects without a local caption on the scene caption")
             epoch += 1
+
+    @staticmethod
+    def _stamp(sample: dict[str, Any], slot: int, epoch: int, consumed: int, buffer: list[int],
+               rng: np.random.Generator) -> dict[str, Any]:
+        sample["position"] = {"slot": slot, "epoch": epoch, "consumed": consumed, "buffer": buffer,
+                              "rng": rng.bit_generator.state}
+        return sample
 
 
 def _split(items: Sequence[Any], epoch: int, seed: int, slot: int, slots: int, shuffle: bool) -> list[Any]:
@@ -286,51 +315,32 @@ def _split(items: Sequence[Any], epoch: int, seed: int, slot: int, slots: int, s
 
 
 # --------------------------------------------------------------------------------------------------------- BrushData
-def _expand_shards(shards: str | Path | Sequence[str | Path]) -> list[str]:
-    if isinstance(shards, (str, Path)):
-        path = Path(shards)
-        if path.is_dir():
-            found = sorted(str(p) for p in path.glob("*.tar"))
-            if not found:
-                raise ValueError(f"no *.tar shards in directory {path}; point --data at the shard folder or a "
-                                 "brace pattern like 'shards/{00000..00099}.tar'.")
-            return found
-        from braceexpand import braceexpand
-
-        return list(braceexpand(str(shards)))
-    result = [str(s) for s in shards]
-    if not result:
-        raise ValueError("the shard list is empty; pass at least one .tar path.")
-    return result
-
-
 class BrushDataShards(_SlotStream):
-    """BrushData / PainterData webdataset shards.
+    """BrushData / PainterData webdataset shards (the format: ``training.painterdata.shards``).
 
-    Members per sample key: ``.image`` (jpg/png bytes), ``.caption`` (text), ``.height``, ``.width`` (text ints),
-    ``.segmentation`` (JSON ``{"mask": [rle, ...]}``, see :func:`rle_decode`) and optionally ``.local_caption``: a
-    JSON list aligned with the masks (null/"" = no local caption for that object) or plain text, which describes the
-    *first* object (the object choice is then fixed to it). One object with a non-empty mask is chosen per sample
-    (uniformly); only that RLE is decoded.
+    One object with a non-empty mask is chosen per sample; only that RLE is decoded. Which objects may be chosen
+    depends on ``caption_fallback`` (paper §3.2 trains on *local* prompts):
 
-    Reading uses webdataset's tar iterators (``url_opener`` → ``tar_file_expander`` → ``group_by_keys``: local
-    paths, ``pipe:`` URLs and the key/extension conventions of the format), but not ``wds.WebDataset``: its split
-    hooks (``nodesplitter``/``workersplitter``) changed between 0.2 and 1.x, and we need an exact rank × worker
-    partition (see :func:`slot_info`) and per-sample error counting. With at least as many shards as slots, shards
-    are split; with fewer, every slot reads all shards and keeps every slots-th sample (correct, more I/O; logged).
+    * ``"skip"`` (default): only objects with a kept local caption; a sample without one is skipped and counted
+      (``skipped["NoLocalCaption"]``), never trained on its scene caption;
+    * ``"global"``: any object, uniformly; an object without a local caption is trained on the global caption, and
+      such a sample has ``atal=False``: ATAL on a scene caption would pull unrelated tokens into the hole.
+
+    A plain-text ``.local_caption`` (older data) describes the first object, which is then always the one chosen.
+    Shards are read by ``training.painterdata.shards.iter_shard`` (local paths, brace patterns, ``pipe:`` URLs);
+    with at least as many shards as rank × worker slots, shards are split; with fewer, every slot reads all shards
+    and keeps every slots-th sample (correct, more I/O; logged). A corrupt shard is counted and skipped.
     """
 
-    def __init__(self, shards: str | Path | Sequence[str | Path], resolution: Resolution, **kwargs: Any) -> None:
+    def __init__(self, shards: str | Path | Sequence[str | Path], resolution: Resolution, *,
+                 caption_fallback: str = "skip", **kwargs: Any) -> None:
         super().__init__(resolution, **kwargs)
-        self.shards = _expand_shards(shards)
+        if caption_fallback not in CAPTION_FALLBACKS:
+            raise ValueError(f"caption_fallback {caption_fallback!r} is not one of {', '.join(CAPTION_FALLBACKS)}.")
+        self.shards = list_shards(shards)
+        self.caption_fallback = caption_fallback
 
     def _units(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
-        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
-
-        def tar_error(error: Exception) -> bool:
-            self._skip("<shard>", error)
-            return True
-
         if len(self.shards) >= slots:
             urls, keep = _split(self.shards, epoch, self.seed, slot, slots, self.shuffle), None
         else:
@@ -338,51 +348,47 @@ class BrushDataShards(_SlotStream):
                 logger.warning("%d shards for %d rank×worker slots: every slot reads all shards and keeps 1/%d of "
                                "the samples; write more shards for less I/O", len(self.shards), slots, slots)
             urls, keep = _split(self.shards, epoch, self.seed, 0, 1, self.shuffle), (slot, slots)
-        stream = group_by_keys(tar_file_expander(url_opener([{"url": u} for u in urls], handler=tar_error),
-                                                 handler=tar_error), handler=tar_error)
-        for index, raw in enumerate(stream):
-            if keep is not None and index % keep[1] != keep[0]:
-                continue
-            raw["key"] = raw.get("__key__", f"#{index}")
-            yield raw
+        index = 0
+        for url in urls:
+            try:
+                for sample in iter_shard(url):
+                    if keep is None or index % keep[1] == keep[0]:
+                        yield {**sample.by_ext(), "key": sample.key}
+                    index += 1
+            except (tarfile.TarError, OSError) as error:
+                self._skip(f"<shard {url}>", error)
 
     def _build(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         missing = [m for m in ("image", "caption", "height", "width", "segmentation") if m not in record]
         if missing:
             raise MalformedSample(f"missing members: {', '.join('.' + m for m in missing)}")
-        height, width = int(_text(record["height"]).strip()), int(_text(record["width"]).strip())
-        segmentation = json.loads(_text(record["segmentation"]))
-        rles = segmentation.get("mask") if isinstance(segmentation, dict) else None
-        if not isinstance(rles, list) or not rles:
+        height, width = int(member_text(record["height"]).strip()), int(member_text(record["width"]).strip())
+        rles = segmentation_rles(record["segmentation"])
+        if not rles:
             raise MalformedSample('segmentation JSON has no non-empty "mask" list')
-        caption = _text(record["caption"]).strip()
-        local = self._local_captions(record.get("local_caption"), len(rles))
-        image = _decode_image(record["image"])
+        caption = member_text(record["caption"]).strip()
+        local = local_captions(record.get("local_caption"), len(rles))
+        if first_object_only(record.get("local_caption")):
+            candidates = [0]
+        else:
+            candidates = [int(i) for i in rng.permutation(len(rles))]
+        if self.caption_fallback == "skip":
+            candidates = [i for i in candidates if local[i] is not None]
+            if not candidates:
+                raise NoLocalCaption("no object has a kept local caption (caption_fallback='skip')")
+        image = decode_image(record["image"])
         if image.shape[:2] != (height, width):
             raise MalformedSample(f"image is {image.shape[0]}x{image.shape[1]} but .height/.width say "
                                   f"{height}x{width}")
-        candidates = [0] if isinstance(local, str) else list(rng.permutation(len(rles)))
         for index in candidates:
             seg = rle_decode(rles[index], height, width)
             if seg.any():
-                text = local if isinstance(local, str) else local[index]
-                prompt = text.strip() if text and text.strip() else caption
-                return prepare_sample(image, seg, prompt, caption, rng, self.resolution, mask_mode=self.mask_mode,
-                                      key=record["key"])
+                text = local[index]
+                sample = prepare_sample(image, seg, text or caption, caption, rng, self.resolution,
+                                        mask_mode=self.mask_mode, key=record["key"])
+                sample["atal"] = text is not None
+                return sample
         raise MalformedSample("every object mask is empty")
-
-    @staticmethod
-    def _local_captions(data: bytes | str | None, count: int) -> str | list[str | None]:
-        if data is None:
-            return [None] * count
-        text = _text(data).strip()
-        if text.startswith("["):
-            values = json.loads(text)
-            if len(values) != count or not all(v is None or isinstance(v, str) for v in values):
-                raise MalformedSample(f"local_caption list has {len(values)} entries for {count} masks "
-                                      "(must be aligned strings/null)")
-            return values
-        return text
 
 
 # --------------------------------------------------------------------------------------------------------- folder
@@ -419,7 +425,7 @@ class FolderDataset(_SlotStream):
             raise MalformedSample(f"missing mask file {mask_path.name}")
         if not text_path.is_file():
             raise MalformedSample(f"missing caption file {text_path.name}")
-        image = _decode_image(path.read_bytes())
+        image = decode_image(path.read_bytes())
         mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
         if mask is None:
             raise MalformedSample(f"mask file {mask_path.name} cannot be decoded")
@@ -449,8 +455,11 @@ class SyntheticScene:
     caption: str
 
 
-def _draw_shape(canvas: np.ndarray, seg: np.ndarray, shape: str, color: tuple[int, int, int],
-                center: tuple[int, int], radius: int, angle: float) -> None:
+def draw_shape(canvas: np.ndarray, seg: np.ndarray, shape: str, color: tuple[int, int, int],
+               center: tuple[int, int], radius: int, angle: float) -> None:
+    """Draw one of :data:`SYNTHETIC_SHAPES` filled in ``color`` on ``canvas`` (anti-aliased) and as 1 on ``seg``
+    (hard edges: the segmentation is the object, the canvas is what a camera would see). ``radius`` is the
+    circumradius, ``angle`` the rotation in radians. Shared by the synthetic set and bench/learning_task.py."""
     cx, cy = center
     if shape == "circle":
         cv2.circle(canvas, (cx, cy), radius, color, -1, cv2.LINE_AA)
@@ -477,7 +486,8 @@ def _article(phrase: str) -> str:
 def synthetic_scene(index: int, seed: int = 0, size: tuple[int, int] = (96, 128), max_objects: int = 2) -> SyntheticScene:
     """Scene ``index``: a two-colour gradient background and 1..max_objects coloured shapes, each with its own
     segmentation and local caption ("red circle"); global caption "a red circle and an orange star on a green
-    background" (only words the tiny tokenizer knows). A pure function of (index, seed, size): tests and the smoke run can rely on exact pixels."""
+    background" (only words the tiny tokenizer knows). A pure function of (index, seed, size): tests and the smoke
+    run can rely on exact pixels."""
     rng = np.random.default_rng([seed, index, 104729])
     height, width = size
     names = list(SYNTHETIC_COLORS)
@@ -494,7 +504,7 @@ def synthetic_scene(index: int, seed: int = 0, size: tuple[int, int] = (96, 128)
         radius = int(rng.integers(max(3, min(size) // 8), max(4, min(size) // 3)))
         center = (int(rng.integers(radius, width - radius)), int(rng.integers(radius, height - radius)))
         seg = np.zeros((height, width), dtype=np.uint8)
-        _draw_shape(canvas, seg, shape, SYNTHETIC_COLORS[color], center, radius, float(rng.uniform(0, 2 * math.pi)))
+        draw_shape(canvas, seg, shape, SYNTHETIC_COLORS[color], center, radius, float(rng.uniform(0, 2 * math.pi)))
         for earlier, _ in objects:  # later shapes occlude earlier ones
             earlier[seg != 0] = 0
         objects.append((seg, f"{color} {shape}"))

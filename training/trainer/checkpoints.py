@@ -1,7 +1,13 @@
 """Crash-safe training checkpoints on top of ``accelerator.save_state`` (DESIGN §7).
 
-Why not accelerate's automatic checkpoint naming and ``total_limit``: ``save_state`` writes its files straight into
-the final folder, so a process killed mid-save leaves a ``checkpoint-N`` that looks complete to ``latest`` and fails to
+A checkpoint folder holds accelerate's state (branch, optimizer, scheduler, RNG states of every rank), the data
+position of every rank (``data_state_<rank>.json``, so a resume skips what was consumed without decoding it) and a
+ComfyUI-loadable ``painternet.safetensors`` of the branch at that step (try step 20k in ComfyUI while training goes
+on); all of it appears at once, with the folder's rename.
+
+Why not accelerate's automatic checkpoint naming and ``ProjectConfiguration(total_limit=...)`` (which only prunes
+folders accelerate named itself, so it would do nothing here and is not passed): ``save_state`` writes its files
+straight into the final folder, so a process killed mid-save leaves a ``checkpoint-N`` that looks complete to ``latest`` and fails to
 load (or loads a truncated optimizer). Here every rank saves into ``.checkpoint-N.tmp``, all ranks synchronise, and
 the main process renames the folder to ``checkpoint-N`` in one atomic ``os.replace``; only folders with the final name
 are ever resumed from, stale ``.tmp`` folders are removed at start-up, and the total limit is applied after the
@@ -10,17 +16,19 @@ nodes is assumed (as for accelerate's own checkpoints).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("painternet.training")
 
 __all__ = ["CHECKPOINT_PATTERN", "list_checkpoints", "checkpoint_step", "resolve_resume", "remove_stale",
-           "save_checkpoint"]
+           "save_checkpoint", "write_data_state", "read_data_state"]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PATTERN = re.compile(r"^\.checkpoint-(\d+)\.tmp$")
@@ -76,10 +84,28 @@ def remove_stale(output_dir: str | Path) -> list[Path]:
     return removed
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
-    """``save_state`` on every rank into a temporary folder, then an atomic rename and pruning on the main process.
+def write_data_state(folder: str | Path, rank: int, state: dict[str, Any]) -> Path:
+    """Write rank ``rank``'s data position (JSON) into a checkpoint folder being written."""
+    path = Path(folder) / f"data_state_{rank}.json"
+    path.write_text(json.dumps(state), encoding="utf-8")
+    return path
 
-    Must be called on every rank (ZeRO and FSDP gather shards collectively inside ``save_state``).
+
+def read_data_state(folder: str | Path, rank: int) -> dict[str, Any] | None:
+    """Rank ``rank``'s data position from a checkpoint, or None for checkpoints written before positions existed."""
+    path = Path(folder) / f"data_state_{rank}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, total_limit: int | None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """``save_state`` on every rank into a temporary folder, ``write_extra(folder)`` on every rank (the data
+    position, the ComfyUI export), then an atomic rename and pruning to ``total_limit`` on the main process.
+
+    Must be called on every rank (ZeRO and FSDP gather shards collectively inside ``save_state`` and
+    ``get_state_dict``).
     """
     root = Path(output_dir)
     tmp = root / f".checkpoint-{step}.tmp"
@@ -89,6 +115,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, total_l
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if write_extra is not None:
+        write_extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # a rerun past a step a crashed run had saved: the new state replaces it

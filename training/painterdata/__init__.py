@@ -1,0 +1,1 @@
+"""PainterData: ``captions.py`` (the local-caption CLI) and ``shards`` (the BrushData / PainterData shard format)."""
