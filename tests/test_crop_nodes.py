@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_helpers import load_pack
+from harness.comfy_helpers import load_pack
 
 
 def nodes():

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from models import branch_file, sd15_checkpoint
+from harness.models import branch_file, sd15_checkpoint
 from painternet_core.shapes import render_mask
-from server_harness import error_text, start_server
+from harness.server import error_text, start_server
 
 pytestmark = pytest.mark.server
 

@@ -17,9 +17,9 @@ import sys
 import pytest
 import torch
 
-from comfy_helpers import comfy_model_config, pack_module, sampling_options
+from harness.comfy_helpers import comfy_model_config, pack_module, sampling_options
 from conftest import COMFYUI_PATH, REPO
-from models import fill_
+from harness.models import fill_
 from painternet_core.branch import PainterNetBranch
 from painternet_core.config import TINY_SD15_UNET, TINY_SDXL_UNET
 
