@@ -148,7 +148,7 @@ def _entry(path: str, name: str, info: Any) -> TensorEntry:
     if not isinstance(info, dict):
         raise bad("it is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in _ITEM_SIZES:
+    if not isinstance(dtype, str) or dtype not in _ITEM_SIZES:
         raise bad("unknown dtype")
     if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
