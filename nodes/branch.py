@@ -237,7 +237,13 @@ def comfy_reference_shapes(config: PainterNetConfig) -> dict[str, tuple[int, ...
     with torch.device("meta"):
         module = ComfyPainterNetBranch(config, dtype=torch.float32, device="meta",
                                        operations=comfy.ops.disable_weight_init)
-    back = {"diffusion_model." + v: k for k, v in comfy.utils.unet_to_diffusers(module.unet_config).items()}
+    back: dict[str, str] = {}
+    # ComfyUI's map lists SDXL's label embedding under both diffusers names; files (ours, diffusers', BrushNet's)
+    # use add_embedding.*, so that alias wins.
+    for diffusers_key, comfy_key in sorted(comfy.utils.unet_to_diffusers(module.unet_config).items()):
+        current = back.get("diffusion_model." + comfy_key)
+        if current is None or current.startswith("class_embedding."):
+            back["diffusion_model." + comfy_key] = diffusers_key
     return {back.get(k, k): tuple(v.shape) for k, v in module.state_dict().items()}
 
 

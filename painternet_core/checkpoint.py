@@ -294,12 +294,17 @@ def inspect_branch(path: str) -> tuple[SafetensorsHeader, PainterNetConfig, dict
             raise ValueError(f"{quote(path)}: {exc}") from None
         names = {k: k for k in header.tensors}
     elif any(k.startswith("brushnet_down_blocks.") for k in header.tensors):
-        shapes = {k: v.shape for k, v in header.tensors.items()}
         try:
-            config = _brushnet_config(path, shapes)
+            config = _brushnet_config(path, {k: v.shape for k, v in header.tensors.items()})
         except ValueError as exc:
-            raise ValueError(f"{exc}" if quote(path) in str(exc) else f"{quote(path)}: {exc}") from None
+            message = str(exc)
+            raise ValueError(message if message.startswith("BrushNet checkpoint") else f"{quote(path)}: {message}") \
+                from None
         names = {_renamed(k): k for k in header.tensors}
+        if len(names) != len(header.tensors):
+            clashes = sorted(k for k in header.tensors if k != _renamed(k) and _renamed(k) in header.tensors)
+            raise ValueError(f"{quote(path)} holds both BrushNet and PainterNet names for the same tensors (e.g. "
+                             f"{quote(clashes[:3])}); it is not a valid BrushNet checkpoint")
     else:
         sample = sorted(header.tensors)[:3]
         raise ValueError(
@@ -326,7 +331,7 @@ def load_branch(path: str, check_keys: bool = True,
         expected_shapes = reference_shapes
     if expected_shapes is not None:
         check_shapes(path, config, expected_shapes(config), {k: header.tensors[f].shape for k, f in names.items()})
-    for key, file_key in sorted(names.items()):
+    for file_key in sorted(names.values()):
         dtype = header.tensors[file_key].dtype
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"{quote(path)}: tensor {quote(file_key)} has dtype {dtype}; branch weights are F16, BF16 "

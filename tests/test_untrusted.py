@@ -21,7 +21,7 @@ from conftest import REPO
 from painternet_core import checkpoint, shapes
 from painternet_core.branch import PainterNetBranch
 from painternet_core.checkpoint import load_branch, read_header, save_branch
-from painternet_core.config import SD15_UNET, TINY_SD15_UNET, PainterNetConfig
+from painternet_core.config import SD15_UNET, TINY_SD15_UNET, TINY_SDXL_UNET, PainterNetConfig
 from painternet_core.errors import QUOTE_LIMIT, quote
 
 ITEM = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "BOOL": 1}
@@ -203,6 +203,20 @@ def test_wrong_tensor_shape_is_named_not_a_torch_size_dump(tiny_branch, tmp_path
 
     with pytest.raises(ValueError, match=r"shape does not match .*conv_in.weight"):
         pack_module("nodes.branch").load_painternet(bad)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("cross_attention", [True, False], ids=["painternet", "brushnet"])
+def test_both_loaders_expect_the_same_tensors(family, cross_attention):
+    """The ComfyUI loader checks files against its own meta-device rebuild: it must expect exactly the keys and
+    shapes the trainer's diffusers branch writes (SDXL's label embedding included, which ComfyUI's key map lists
+    under two names)."""
+    from comfy_helpers import pack_module
+
+    unet = TINY_SD15_UNET if family == "sd15" else TINY_SDXL_UNET
+    config = PainterNetConfig(family=family, unet=unet, cross_attention=cross_attention,
+                              attention_control=cross_attention)
+    assert pack_module("nodes.branch").comfy_reference_shapes(config) == checkpoint.reference_shapes(config)
 
 
 @pytest.mark.parametrize("dtype", ["I8", "BOOL", "F64"])
