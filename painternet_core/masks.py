@@ -267,13 +267,22 @@ def dilate_rect(u8: np.ndarray, ksize: int, iterations: int) -> np.ndarray:
     """
     if ksize < 1 or iterations < 1:
         raise ValueError(f"dilate_rect needs ksize >= 1 and iterations >= 1, got {ksize}, {iterations}")
-    size = iterations * (ksize - 1) + 1
-    anchor = iterations * (ksize // 2)
+    before = iterations * (ksize // 2)
+    after = iterations * (ksize - 1) - before
+
+    def window(n: int) -> tuple[int, int]:
+        # Reach beyond n - 1 pixels on either side covers the whole axis anyway: clip it, so the cost stays linear
+        # in the area even for kernels larger than the image.
+        b, a = min(before, n - 1), min(after, n - 1)
+        return b + a + 1, b
+
     # Window sums saturate at 65535 in uint16, which keeps "positive" exact at half the memory of int32.
+    size, anchor = window(u8.shape[1])
     rows = cv2.boxFilter(u8, cv2.CV_16U, (size, 1), anchor=(anchor, 0), normalize=False,
                          borderType=cv2.BORDER_CONSTANT)
     out = np.greater(rows, 0).view(np.uint8)
     del rows
+    size, anchor = window(u8.shape[0])
     cols = cv2.boxFilter(out, cv2.CV_16U, (1, size), anchor=(0, anchor), normalize=False,
                          borderType=cv2.BORDER_CONSTANT)
     return np.greater(cols, 0).view(np.uint8)
