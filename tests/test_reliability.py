@@ -402,11 +402,11 @@ def _write_bad_branches(server: ComfyServer) -> None:
         _rewrite_with_header_low_byte(good, os.path.join(folder, "header-0x80.safetensors"), 0x80)
     from painternet_core.config import SD15_UNET, PainterNetConfig
 
-    # ~1 KB each: a config outside the bounds, and one inside them describing a ~10 GB branch its tensors do not hold.
+    # ~1 KB each: a config outside the bounds, and one inside them describing a 37 GB branch its tensors do not hold.
     lies = {"lying-config.safetensors": dict(json.loads(PainterNetConfig(family="sd15", unet=SD15_UNET).to_json()),
                                              unet=dict(SD15_UNET, layers_per_block=4000)),
             "lying-shapes.safetensors": json.loads(PainterNetConfig(family="sd15", unet=dict(
-                SD15_UNET, block_out_channels=[4096] * 4, layers_per_block=4, transformer_layers_per_block=16,
+                SD15_UNET, block_out_channels=[4096] * 4, layers_per_block=2, transformer_layers_per_block=1,
                 attention_head_dim=64, cross_attention_dim=8192)).to_json())}
     for name, config in lies.items():
         header = json.dumps({"__metadata__": {"painternet_format": "1", "painternet_config": json.dumps(config)},
@@ -521,6 +521,16 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], Any]] = [
 ]
 
 
+def _queue_allowing_nan(server: ComfyServer, prompt: dict[str, Any]) -> str:
+    """POST /prompt like server.queue, but with NaN/Infinity written as JS literals, which ComfyUI's JSON parser
+    accepts (requests refuses to write them): how an API client sends scale=NaN."""
+    body = json.dumps({"prompt": prompt, "client_id": server.client_id}, allow_nan=True)
+    r = requests.post(f"{server.url}/prompt", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    if r.status_code != 200:
+        raise RuntimeError(f"/prompt refused ({r.status_code}): {r.text[:2000]}")
+    return r.json()["prompt_id"]
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("case, kwargs, expected", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_gives_documented_result_and_server_stays_usable(server, case, kwargs, expected):
@@ -530,7 +540,7 @@ def test_bad_input_gives_documented_result_and_server_stays_usable(server, case,
     prompt = inpaint_prompt(seed=zlib.crc32(case.encode()) % 1000, prefix=case, **kwargs)
     if edit is not None:
         edit(prompt)
-    entry = server.run(prompt)
+    entry = server.wait(_queue_allowing_nan(server, prompt))
     if isinstance(expected, list):
         assert entry["status"]["status_str"] == "error", f"{case} should fail but {outcome(entry)}"
         text = error_text(entry)
