@@ -225,8 +225,30 @@ def build_branch(state_dict: dict[str, torch.Tensor], config: PainterNetConfig, 
     return PainterNet(patcher, config, name)
 
 
+def comfy_reference_shapes(config: PainterNetConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the ComfyUI branch of this config loads, with its shape, in the file's diffusers naming.
+
+    Built on the meta device, so checking a file against its config allocates nothing: a file whose config asks for
+    a huge network but whose tensors do not match is refused before any memory is spent.
+    """
+    import comfy.ops
+    import comfy.utils
+
+    with torch.device("meta"):
+        module = ComfyPainterNetBranch(config, dtype=torch.float32, device="meta",
+                                       operations=comfy.ops.disable_weight_init)
+    back: dict[str, str] = {}
+    # ComfyUI's map lists SDXL's label embedding under both diffusers names; files (ours, diffusers', BrushNet's)
+    # use add_embedding.*, so that alias wins.
+    for diffusers_key, comfy_key in sorted(comfy.utils.unet_to_diffusers(module.unet_config).items()):
+        current = back.get("diffusion_model." + comfy_key)
+        if current is None or current.startswith("class_embedding."):
+            back["diffusion_model." + comfy_key] = diffusers_key
+    return {back.get(k, k): tuple(v.shape) for k, v in module.state_dict().items()}
+
+
 def load_painternet(path: str, dtype: str = "auto") -> PainterNet:
     import os
 
-    state_dict, config = load_branch(path, check_keys=False)
+    state_dict, config = load_branch(path, check_keys=False, expected_shapes=comfy_reference_shapes)
     return build_branch(state_dict, config, dtype=dtype, name=os.path.basename(path))

@@ -107,6 +107,15 @@ class PainterNetMaskGenerator:
         import numpy as np
         import torch
 
+        from .limits import check_inputs, interrupt_poll
+
+        check_inputs(PainterNetMaskGenerator, {
+            "seed": seed, "box_expand_min": box_expand_min, "box_expand_max": box_expand_max,
+            "dilation_scale": dilation_scale, "strokes_min": strokes_min, "strokes_max": strokes_max,
+            "segments_min": segments_min, "segments_max": segments_max, "length_min": length_min,
+            "length_max": length_max, "width_min": width_min, "width_max": width_max, "line_weight": line_weight,
+            "circle_weight": circle_weight, "square_weight": square_weight})
+        check_interrupt = interrupt_poll()
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"mask must be a torch tensor (a ComfyUI MASK), got {type(mask).__name__}")
         if mask.ndim == 2:
@@ -130,6 +139,7 @@ class PainterNetMaskGenerator:
         out = np.empty(batch.shape, dtype=np.float32)
         kinds = []
         for i, (item, child) in enumerate(zip(batch, children)):
+            check_interrupt()
             rng = np.random.Generator(np.random.PCG64(child))
             if mode == "paper_mix":
                 drawn = masks.paper_mix_mask(item, rng, box_expand=box_expand, irregular=irregular)

@@ -31,7 +31,9 @@ class PainterNetLoader:
         import folder_paths
 
         from .branch import load_painternet
+        from .limits import check_inputs
 
+        check_inputs(PainterNetLoader, {"dtype": dtype})
         path = folder_paths.get_full_path("painternet", painternet_name)
         if path is None:
             raise FileNotFoundError(f"PainterNet file {painternet_name!r} not found in models/painternet; "
@@ -76,7 +78,9 @@ class PainterNetApply:
 
         from .branch import check_base
         from .injection import apply_painternet
+        from .limits import check_inputs
 
+        check_inputs(PainterNetApply, {"scale": scale, "start_percent": start_percent, "end_percent": end_percent})
         check_base(model, painternet.config)
         if image.ndim != 4 or image.shape[-1] < 3:
             raise ValueError(f"image has shape {tuple(image.shape)}; expected an IMAGE (B,H,W,3)")

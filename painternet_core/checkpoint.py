@@ -7,16 +7,19 @@ same layout as ours, so its keys are renamed to ours and its mask polarity is re
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
 import tempfile
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 
 from . import logger
 from .config import FORMAT_VERSION, SD15_UNET, SDXL_UNET, PainterNetConfig
+from .errors import quote
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pt2")
 
@@ -36,51 +39,153 @@ _BRUSHNET_RENAMES = (
 )
 
 
-def _check_safetensors_header(path: str) -> dict[str, Any]:
-    """Validate the header ourselves so a truncated or non-safetensors file gets a message naming the problem."""
+# Safetensors header bounds. A real SDXL branch header is ~250 KB with ~2 600 tensors; the bounds leave a wide margin
+# and refuse in milliseconds the 80 MB header of a million empty tensors that would otherwise take 30 s and 1.6 GB.
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_TENSORS = 20_000
+MAX_TENSOR_DIMS = 8
+# Weights a branch may hold: what training and the public BrushNet files use. Integer, bool and fp64 tensors are not
+# branch weights (a file holding them was exported wrongly or is not a branch).
+WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the safetensors header describes it (nothing of its data has been read)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated safetensors header: every entry is well-typed, sized consistently and inside the file."""
+
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def _signature(head: bytes) -> str | None:
+    """The format a file that is *not* safetensors announces by its own magic bytes, if any.
+
+    A pickle starts with PROTO (0x80) and a protocol number 2..5; a zip (torch.save's default) with a local file
+    header `PK\\x03\\x04` (or `PK\\x05\\x06` when empty). These are only consulted once the bytes failed to parse as a
+    safetensors header: the first byte of a valid safetensors file is its header length's low byte, which may be 0x80.
+    """
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "pickle"
+    return None
+
+
+def _not_safetensors(path: str, head: bytes, reason: str) -> ValueError:
+    kind = _signature(head)
+    if kind is not None:
+        return ValueError(f"{quote(path)} is a {kind} (pickle/zip checkpoint), which is never loaded (it can run code); "
+                          f"{_CONVERT_HINT}")
+    return ValueError(f"{quote(path)} is not a valid safetensors file ({reason}); it is corrupt or not safetensors: "
+                      "re-download or re-export it")
+
+
+def read_header(path: str) -> SafetensorsHeader:
+    """Read and validate a safetensors header without touching the tensor data.
+
+    The file is recognised by its structure (an 8-byte little-endian length that fits the file and the bounds, then a
+    JSON object), never by its first byte. Every entry is checked (dtype known, shape of non-negative ints, offsets
+    inside the data and matching the shape), so what follows can trust the header and a damaged file is always a
+    ValueError naming the problem.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path!r} is {size} bytes: too short to be a safetensors file; re-download or re-export it")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise ValueError(f"{path!r} is a pickle/zip checkpoint, which is never loaded (it can run code); {_CONVERT_HINT}")
+            raise ValueError(f"{quote(path)} is {size} bytes: too short to be a safetensors file; re-download or "
+                             "re-export it")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
-            raise ValueError(
-                f"{path!r} is not a valid safetensors file (header length {n} > file size {size}); "
-                "it is corrupt or not safetensors: re-download or re-export it"
-            )
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path!r} has a corrupt safetensors header ({exc}); re-download or re-export it") from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ValueError(
-            f"{path!r} is truncated: the header describes {8 + n + end} bytes but the file has {size}; "
-            "re-download or re-export it"
-        )
-    return header
+        if n < 2 or n > size - 8:
+            raise _not_safetensors(path, head, f"header length {n} does not fit the file size {size}")
+        if n > MAX_HEADER_BYTES:
+            raise _not_safetensors(path, head, f"header of {n} bytes is over the {MAX_HEADER_BYTES}-byte limit; no "
+                                               "branch has one that large")
+        raw = fh.read(n)
+    if raw[:1] != b"{":
+        raise _not_safetensors(path, head, "the header is not a JSON object")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{quote(path)} has a corrupt safetensors header ({quote(str(exc))}); re-download or "
+                         "re-export it") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors(path, head, "the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise ValueError(f"{quote(path)} has malformed safetensors metadata ({quote(metadata)}): it must map strings "
+                         "to strings; re-export the file")
+    if len(header) > MAX_TENSORS:
+        raise ValueError(f"{quote(path)} lists {len(header)} tensors, more than the {MAX_TENSORS} any branch has; it "
+                         "is not a branch file")
+    tensors = {}
+    data_size = size - 8 - n
+    for name, info in header.items():
+        tensors[name] = _entry(path, name, info)
+        if tensors[name].end > data_size:
+            raise ValueError(f"{quote(path)} is truncated: the header describes {8 + n + tensors[name].end} bytes but "
+                             f"the file has {size}; re-download or re-export it")
+    return SafetensorsHeader(tensors, metadata)
+
+
+def _entry(path: str, name: str, info: Any) -> TensorEntry:
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{quote(path)} has a malformed safetensors entry {quote(name)}: {what} "
+                          f"({quote(info)}); re-download or re-export it")
+
+    if not isinstance(info, dict):
+        raise bad("it is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ITEM_SIZES:
+        raise bad("unknown dtype")
+    if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
+        raise bad("shape must be a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise bad("data_offsets must be [begin, end] with 0 <= begin <= end")
+    if math.prod(shape) * _ITEM_SIZES[dtype] != offsets[1] - offsets[0]:
+        raise bad("its byte size does not match its shape and dtype")
+    return TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _read_tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as fh:
+            return {k: fh.get_tensor(k) for k in names}
+    except Exception as exc:  # safetensors raises its own SafetensorError; keep the cause, name the file and fix
+        raise ValueError(f"{quote(path)} could not be read as safetensors ({quote(str(exc))}); re-download or "
+                         "re-export it") from exc
+
+
+def _check_path(path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"PainterNet checkpoint {quote(path)} does not exist; put it in models/painternet")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise ValueError(f"{quote(os.path.basename(path))} is a pickle checkpoint, which is never loaded (it can run "
+                         f"code); {_CONVERT_HINT}")
 
 
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors and metadata, refusing pickle files and reporting corrupt ones clearly."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"PainterNet checkpoint {path!r} does not exist; put it in models/painternet")
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        raise ValueError(f"{os.path.basename(path)!r} is a pickle checkpoint, which is never loaded (it can run code); "
-                         f"{_CONVERT_HINT}")
-    _check_safetensors_header(path)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as fh:
-            metadata = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises its own SafetensorError; keep the cause, name the file and fix
-        raise ValueError(f"{path!r} could not be read as safetensors ({exc}); re-download or re-export it") from exc
-    return tensors, metadata
+    _check_path(path)
+    header = read_header(path)
+    return _read_tensors(path, sorted(header.tensors)), header.metadata
 
 
 def save_branch(path: str, state_dict: Mapping[str, torch.Tensor], config: PainterNetConfig) -> None:
@@ -105,38 +210,43 @@ def save_branch(path: str, state_dict: Mapping[str, torch.Tensor], config: Paint
             os.remove(tmp)
 
 
-def expected_keys(config: PainterNetConfig) -> set[str]:
-    """Every key a complete branch of this config has (diffusers naming), built on the meta device."""
-    from .branch import PainterNetBranch
-
-    with torch.device("meta"):
-        return set(PainterNetBranch(config).state_dict().keys())
-
-
 def _count(keys: set[str], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     return len({m.group(1) for k in keys if (m := pattern.match(k))})
 
 
-def _brushnet_config(tensors: Mapping[str, torch.Tensor]) -> PainterNetConfig:
-    keys = set(tensors)
+def _brushnet_config(path: str, shapes: Mapping[str, tuple[int, ...]]) -> PainterNetConfig:
+    """The config of a BrushNet / PowerPaint-CA file, read from the tensor shapes its header states."""
+    keys = set(shapes)
     n_down = _count(keys, "brushnet_down_blocks.")
     if n_down == 12:
         unet = dict(SD15_UNET)
     elif n_down == 9:
         unet = dict(SDXL_UNET)
     else:
-        raise ValueError(f"BrushNet checkpoint with {n_down} down control points: expected 12 (SD1.5) or 9 (SDXL)")
-    unet["block_out_channels"] = [int(tensors[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
-                                  for i in range(_count(keys, "down_blocks."))]
+        raise ValueError(f"BrushNet checkpoint {quote(path)} has {n_down} down control points: expected 12 (SD1.5) or "
+                         "9 (SDXL)")
+    n_blocks = _count(keys, "down_blocks.")
+    channels = []
+    for i in range(n_blocks):
+        shape = shapes.get(f"down_blocks.{i}.resnets.0.conv1.weight")
+        if shape is None or len(shape) != 4:
+            raise ValueError(f"BrushNet checkpoint {quote(path)} has no 4-d down_blocks.{i}.resnets.0.conv1.weight; "
+                             "the file is incomplete or not a BrushNet checkpoint")
+        channels.append(int(shape[0]))
+    if len(channels) != len(unet["block_out_channels"]):
+        raise ValueError(f"BrushNet checkpoint {quote(path)} has {len(channels)} down blocks, expected "
+                         f"{len(unet['block_out_channels'])} for its {'SD1.5' if n_down == 12 else 'SDXL'} layout; the "
+                         "file is incomplete or not a BrushNet checkpoint")
+    unet["block_out_channels"] = channels
     cross = any(".attentions." in k for k in keys if k.startswith("down_blocks."))
     # What the weights state is read from them (a fine-tune may differ from the family's stock config); head counts
     # are not in the weights and stay the family's.
     to_k = next((k for k in sorted(keys) if k.endswith(".attn2.to_k.weight")), None)
-    if to_k is not None:
-        unet["cross_attention_dim"] = int(tensors[to_k].shape[1])
-    if "add_embedding.linear_1.weight" in tensors:
-        unet["projection_class_embeddings_input_dim"] = int(tensors["add_embedding.linear_1.weight"].shape[1])
+    if to_k is not None and len(shapes[to_k]) == 2:
+        unet["cross_attention_dim"] = int(shapes[to_k][1])
+    if len(shapes.get("add_embedding.linear_1.weight", ())) == 2:
+        unet["projection_class_embeddings_input_dim"] = int(shapes["add_embedding.linear_1.weight"][1])
     return PainterNetConfig(
         family="sd15" if n_down == 12 else "sdxl", unet=unet, cross_attention=cross, attention_control=False,
         mask_polarity="known", mask_resize="nearest", masked_fill=0.0,
@@ -144,50 +254,120 @@ def _brushnet_config(tensors: Mapping[str, torch.Tensor]) -> PainterNetConfig:
     )
 
 
-def load_branch(path: str, check_keys: bool = True) -> tuple[dict[str, torch.Tensor], PainterNetConfig]:
-    """Load a branch file into (state dict in our diffusers naming, config), strictly.
+def _renamed(key: str) -> str:
+    for old, new in _BRUSHNET_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
-    Detectors run most specific first; a file matching none is refused with what was found. `check_keys` compares
-    the keys with a reference branch built by diffusers on the meta device; the ComfyUI loader passes False because
-    it has no diffusers and its own strict load of the converted keys is the same check.
+
+ShapeFn = Callable[[PainterNetConfig], Mapping[str, tuple[int, ...]]]
+
+
+def reference_shapes(config: PainterNetConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a complete branch of this config and its shape (diffusers naming), built on the meta device:
+    no memory is allocated, whatever size the config asks for."""
+    from .branch import PainterNetBranch
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in PainterNetBranch(config).state_dict().items()}
+
+
+def inspect_branch(path: str) -> tuple[SafetensorsHeader, PainterNetConfig, dict[str, str]]:
+    """Validate a branch file's header and config without reading any tensor: (header, config, {our key: file key}).
+
+    Detectors run most specific first; a file matching none is refused with what was found.
     """
-    tensors, metadata = read_safetensors(path)
+    _check_path(path)
+    header = read_header(path)
+    metadata = header.metadata
     if "painternet_format" in metadata:
         version = metadata["painternet_format"]
         if version != str(FORMAT_VERSION):
-            raise ValueError(f"{path!r} has painternet_format={version!r}; this pack reads format {FORMAT_VERSION}: "
-                             "update the pack")
+            raise ValueError(f"{quote(path)} has painternet_format={quote(version)}; this pack reads format "
+                             f"{FORMAT_VERSION}: update the pack")
         if "painternet_config" not in metadata:
-            raise ValueError(f"{path!r} has painternet_format but no painternet_config metadata; re-export it")
-        config = PainterNetConfig.from_json(metadata["painternet_config"])
-    elif any(k.startswith("brushnet_down_blocks.") for k in tensors):
-        config = _brushnet_config(tensors)
-        renamed = {}
-        for key, value in tensors.items():
-            for old, new in _BRUSHNET_RENAMES:
-                if key.startswith(old):
-                    key = new + key[len(old):]
-                    break
-            renamed[key] = value
-        tensors = renamed
-        logger.info("loaded %s as a %s checkpoint (mask polarity: known pixels = 1)", path, config.source_format)
+            raise ValueError(f"{quote(path)} has painternet_format but no painternet_config metadata; re-export it")
+        try:
+            config = PainterNetConfig.from_json(metadata["painternet_config"])
+        except ValueError as exc:
+            raise ValueError(f"{quote(path)}: {exc}") from None
+        names = {k: k for k in header.tensors}
+    elif any(k.startswith("brushnet_down_blocks.") for k in header.tensors):
+        try:
+            config = _brushnet_config(path, {k: v.shape for k, v in header.tensors.items()})
+        except ValueError as exc:
+            message = str(exc)
+            raise ValueError(message if message.startswith("BrushNet checkpoint") else f"{quote(path)}: {message}") \
+                from None
+        names = {_renamed(k): k for k in header.tensors}
+        if len(names) != len(header.tensors):
+            clashes = sorted(k for k in header.tensors if k != _renamed(k) and _renamed(k) in header.tensors)
+            raise ValueError(f"{quote(path)} holds both BrushNet and PainterNet names for the same tensors (e.g. "
+                             f"{quote(clashes[:3])}); it is not a valid BrushNet checkpoint")
     else:
-        sample = sorted(tensors)[:3]
+        sample = sorted(header.tensors)[:3]
         raise ValueError(
-            f"{path!r} is not a PainterNet or BrushNet checkpoint (no painternet_format metadata, no "
-            f"brushnet_down_blocks.* keys; first keys: {sample}). Export it with training/trainer/train.py or pick another file"
+            f"{quote(path)} is not a PainterNet or BrushNet checkpoint (no painternet_format metadata, no "
+            f"brushnet_down_blocks.* keys; first keys: {quote(sample)}). Export it with training/trainer/train.py or pick "
+            "another file"
         )
-    if check_keys:
-        expected = expected_keys(config)
-        check_layout(path, config, sorted(expected - set(tensors)), sorted(set(tensors) - expected))
+    return header, config, names
+
+
+def load_branch(path: str, check_keys: bool = True,
+                expected_shapes: ShapeFn | None = None) -> tuple[dict[str, torch.Tensor], PainterNetConfig]:
+    """Load a branch file into (state dict in our diffusers naming, config), strictly.
+
+    Before a single weight is read, the config is validated against its bounds and every tensor's key and shape in
+    the header is compared with the branch that config describes (`expected_shapes`, computed on the meta device:
+    the diffusers reference by default, the ComfyUI rebuild for the loader node, which has no diffusers). So a file
+    whose config lies costs nothing, and a file that passes holds exactly the weights the branch will allocate.
+    `check_keys=False` without `expected_shapes` skips that comparison (the caller's strict load does it). Weights
+    must be float16/bfloat16/float32 and finite.
+    """
+    header, config, names = inspect_branch(path)
+    if expected_shapes is None and check_keys:
+        expected_shapes = reference_shapes
+    if expected_shapes is not None:
+        check_shapes(path, config, expected_shapes(config), {k: header.tensors[f].shape for k, f in names.items()})
+    for file_key in sorted(names.values()):
+        dtype = header.tensors[file_key].dtype
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"{quote(path)}: tensor {quote(file_key)} has dtype {dtype}; branch weights are F16, BF16 "
+                             "or F32: re-export the file with float weights")
+    raw = _read_tensors(path, sorted(names.values()))
+    tensors = {k: raw[f] for k, f in names.items()}
+    for key in sorted(tensors):
+        if not bool(torch.isfinite(tensors[key]).all()):
+            raise ValueError(f"{quote(path)}: tensor {quote(key)} contains NaN or infinite values; the file is damaged "
+                             "(or the training diverged): use another checkpoint")
+    if config.source_format != "painternet":
+        logger.info("loaded %s as a %s checkpoint (mask polarity: known pixels = 1)", path, config.source_format)
     return tensors, config
+
+
+def expected_keys(config: PainterNetConfig) -> set[str]:
+    """Every key a complete branch of this config has (diffusers naming), built on the meta device."""
+    return set(reference_shapes(config))
+
+
+def check_shapes(path: str, config: PainterNetConfig, expected: Mapping[str, tuple[int, ...]],
+                 found: Mapping[str, tuple[int, ...]]) -> None:
+    """Keys and shapes of a file against the branch its config describes; one clear error naming a few offenders."""
+    check_layout(path, config, sorted(set(expected) - set(found)), sorted(set(found) - set(expected)))
+    wrong = [k for k in sorted(expected) if tuple(found[k]) != tuple(expected[k])]
+    if wrong:
+        examples = ", ".join(f"{quote(k, 80)}: file {list(found[k])} vs config {list(expected[k])}" for k in wrong[:3])
+        raise ValueError(f"{quote(path)} has {len(wrong)} tensors whose shape does not match its {config.family} "
+                         f"{config.source_format} config (e.g. {examples}); the file is damaged or its config lies")
 
 
 def check_layout(path: str, config: PainterNetConfig, missing: list[str], unexpected: list[str]) -> None:
     """The one error for a file whose keys do not match its declared layout, whichever side noticed it."""
     if missing or unexpected:
         raise ValueError(
-            f"{path!r} does not match its {config.family} {config.source_format} layout: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
-            f"(e.g. {unexpected[:3]}); the file is incomplete or was written for another topology"
+            f"{quote(path)} does not match its {config.family} {config.source_format} layout: "
+            f"{len(missing)} missing keys (e.g. {quote(missing[:3])}), {len(unexpected)} unexpected keys "
+            f"(e.g. {quote(unexpected[:3])}); the file is incomplete or was written for another topology"
         )

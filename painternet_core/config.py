@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
+
+from .errors import quote
 
 Family = Literal["sd15", "sdxl"]
 MaskPolarity = Literal["hole", "known"]
@@ -48,6 +51,123 @@ SDXL_UNET: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 2816, "transformer_layers_per_block": [1, 2, 10],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
 }
+
+
+# Bounds a stored topology must respect before anything is built from it (a shared file is untrusted input). They are
+# far above SD1.5 (4 blocks x 2 layers, 1280 channels, depth 1) and SDXL (3 blocks x 2 layers, depth 10) but keep the
+# cost of building the reference branch on the meta device small, whatever a file claims.
+MAX_BLOCKS = 6
+MAX_CHANNELS = 4096
+MAX_LAYERS_PER_BLOCK = 4
+MAX_TRANSFORMER_DEPTH = 16
+MAX_HEADS = 256
+MAX_CROSS_ATTENTION_DIM = 8192
+MAX_EMBED_DIM = 16384
+_DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+_MID_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
+SOURCE_FORMATS = ("painternet", "brushnet", "powerpaint-ca")
+# Topology keys the branch builders ignore or only accept at their stock value: anything else would make diffusers
+# build a network ComfyUI's rebuild does not have.
+_FIXED_VALUES: dict[str, tuple[Any, ...]] = {
+    "act_fn": ("silu",), "center_input_sample": (False,), "class_embed_type": (None,),
+    "dual_cross_attention": (False, None), "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
+    "num_class_embeds": (None,), "only_cross_attention": (False,), "resnet_time_scale_shift": ("default",),
+    "time_embedding_type": ("positional",), "addition_embed_type": (None, "text_time"),
+}
+
+
+def _int(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"painternet_config unet.{name}={quote(value)} must be an integer in [{low}, {high}]; "
+                         "the file is damaged or not a supported SD1.5/SDXL branch")
+    return value
+
+
+def _ints(value: Any, name: str, n: int, low: int, high: int) -> list[int]:
+    """An int or a list of n ints (diffusers allows both), each within [low, high]."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"painternet_config unet.{name} has {len(value)} entries, expected {n} (one per "
+                             f"block): {quote(value)}; the file is damaged")
+        return [_int(v, f"{name}[{i}]", low, high) for i, v in enumerate(value)]
+    return [_int(value, name, low, high)] * n
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ValueError(f"painternet_config {name}={quote(value)} must be a finite number in [{low}, {high}]; "
+                         "the file is damaged")
+    return float(value)
+
+
+def validate_unet(unet: Any) -> None:
+    """Refuse a topology outside sane bounds or of the wrong types, naming the field, before anything is built.
+
+    Every field the branch builders read is checked here, so a malformed or lying config is a ValueError and never
+    a TypeError/ZeroDivisionError from deep inside a constructor, nor a multi-gigabyte model built for nothing.
+    """
+    if not isinstance(unet, dict):
+        raise ValueError(f"painternet_config unet must be an object, got {quote(unet)}; the file is damaged")
+    unknown = sorted(k for k in unet if k not in _TOPOLOGY_KEYS)
+    if unknown:
+        raise ValueError(f"painternet_config unet has unknown keys {quote(unknown)}; the file was written by a newer "
+                         "PainterNet (update the pack) or is damaged")
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                "cross_attention_dim"):
+        if key not in unet:
+            raise ValueError(f"painternet_config unet has no {key!r}; the file is damaged")
+    for key, allowed in _FIXED_VALUES.items():
+        if key in unet and unet[key] not in allowed:
+            raise ValueError(f"painternet_config unet.{key}={quote(unet[key])} is not supported (expected one of "
+                             f"{list(allowed)}); PainterNet supports SD1.5- and SDXL-style UNets")
+    channels = unet["block_out_channels"]
+    if not isinstance(channels, (list, tuple)) or not 1 <= len(channels) <= MAX_BLOCKS:
+        raise ValueError(f"painternet_config unet.block_out_channels={quote(channels)} must be a list of 1 to "
+                         f"{MAX_BLOCKS} channel counts; the file is damaged")
+    n = len(channels)
+    channels = [_int(c, f"block_out_channels[{i}]", 1, MAX_CHANNELS) for i, c in enumerate(channels)]
+    groups = _int(unet.get("norm_num_groups", 32), "norm_num_groups", 1, 128)
+    for i, c in enumerate(channels):
+        if c % groups or c % channels[0]:
+            raise ValueError(f"painternet_config unet.block_out_channels={channels}: entry {i} ({c}) must be a multiple "
+                             f"of norm_num_groups ({groups}) and of the first entry; the file is damaged")
+    for key, allowed in (("down_block_types", _DOWN_TYPES), ("up_block_types", _UP_TYPES)):
+        types = unet[key]
+        if not isinstance(types, (list, tuple)) or len(types) != n or any(t not in allowed for t in types):
+            raise ValueError(f"painternet_config unet.{key}={quote(types)} must list {n} of {list(allowed)}")
+    if unet.get("mid_block_type", _MID_TYPES[0]) not in _MID_TYPES:
+        raise ValueError(f"painternet_config unet.mid_block_type={quote(unet['mid_block_type'])} must be one of "
+                         f"{list(_MID_TYPES)}")
+    _ints(unet["layers_per_block"], "layers_per_block", n, 1, MAX_LAYERS_PER_BLOCK)
+    _ints(unet.get("transformer_layers_per_block", 1), "transformer_layers_per_block", n, 1, MAX_TRANSFORMER_DEPTH)
+    heads_key = "num_attention_heads" if unet.get("num_attention_heads") is not None else "attention_head_dim"
+    if heads_key not in unet:
+        raise ValueError("painternet_config unet has neither attention_head_dim nor num_attention_heads; the file is "
+                         "damaged")
+    heads = _ints(unet[heads_key], heads_key, n, 1, MAX_HEADS)
+    for i, (c, h) in enumerate(zip(channels, heads)):
+        if c % h:
+            raise ValueError(f"painternet_config unet.{heads_key}[{i}]={h} does not divide {c} channels")
+    _int(unet["cross_attention_dim"], "cross_attention_dim", 1, MAX_CROSS_ATTENTION_DIM)
+    for key in ("in_channels", "out_channels"):
+        if key in unet:
+            _int(unet[key], key, 1, 16)
+    if "norm_eps" in unet:
+        _number(unet["norm_eps"], "unet.norm_eps", 1e-12, 1.0)
+    for key in ("freq_shift", "mid_block_scale_factor", "downsample_padding"):
+        if key in unet:
+            _number(unet[key], f"unet.{key}", -16, 16)
+    for key in ("flip_sin_to_cos", "use_linear_projection", "upcast_attention"):
+        if key in unet and not isinstance(unet[key], bool) and unet[key] is not None:
+            raise ValueError(f"painternet_config unet.{key}={quote(unet[key])} must be true or false")
+    if unet.get("addition_embed_type") == "text_time":
+        _int(unet.get("addition_time_embed_dim"), "addition_time_embed_dim", 1, MAX_EMBED_DIM)
+        _int(unet.get("projection_class_embeddings_input_dim"), "projection_class_embeddings_input_dim", 1,
+             MAX_EMBED_DIM)
+    if unet.get("addition_embed_type_num_heads") is not None:
+        _int(unet["addition_embed_type_num_heads"], "addition_embed_type_num_heads", 1, MAX_HEADS)
 
 
 def unet_topology(unet_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,11 +261,18 @@ class PainterNetConfig:
 
     def __post_init__(self) -> None:
         if self.family not in ("sd15", "sdxl"):
-            raise ValueError(f"family={self.family!r}: expected 'sd15' or 'sdxl'")
+            raise ValueError(f"family={quote(self.family)}: expected 'sd15' or 'sdxl'")
         if self.mask_polarity not in ("hole", "known"):
-            raise ValueError(f"mask_polarity={self.mask_polarity!r}: expected 'hole' or 'known'")
+            raise ValueError(f"mask_polarity={quote(self.mask_polarity)}: expected 'hole' or 'known'")
         if self.mask_resize not in ("nearest", "area"):
-            raise ValueError(f"mask_resize={self.mask_resize!r}: expected 'nearest' or 'area'")
+            raise ValueError(f"mask_resize={quote(self.mask_resize)}: expected 'nearest' or 'area'")
+        for name in ("cross_attention", "attention_control"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={quote(getattr(self, name))}: expected true or false")
+        _number(self.masked_fill, "masked_fill", -1.0, 2.0)
+        if self.source_format not in SOURCE_FORMATS:
+            raise ValueError(f"source_format={quote(self.source_format)}: expected one of {list(SOURCE_FORMATS)}")
+        validate_unet(self.unet if not isinstance(self.unet, Mapping) else dict(self.unet))
         if self.attention_control and not self.cross_attention:
             raise ValueError("attention_control=True needs cross_attention=True: ACP reads the branch's attn2 outputs")
         if infer_family(self.unet) != self.family:
@@ -175,8 +302,11 @@ class PainterNetConfig:
     def from_json(cls, text: str) -> "PainterNetConfig":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"painternet_config metadata is not valid JSON ({exc}); the file is damaged") from exc
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"painternet_config metadata is not valid JSON ({quote(str(exc))}); the file is "
+                             "damaged") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"painternet_config metadata must be a JSON object, got {quote(data)}; the file is damaged")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -184,6 +314,10 @@ class PainterNetConfig:
                 f"painternet_config has unknown fields {unknown}; the file was written by a newer PainterNet, "
                 "update the pack"
             )
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in data and f.default is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"painternet_config has no {missing}; the file is damaged, re-export it")
         return cls(**data)
 
     @classmethod

@@ -275,6 +275,38 @@ def _random_points(u8: np.ndarray, rng: np.random.Generator, count: int) -> np.n
     return np.concatenate(found)
 
 
+def dilate_rect(u8: np.ndarray, ksize: int, iterations: int) -> np.ndarray:
+    """Exactly `cv2.dilate(u8, np.ones((ksize, ksize)), iterations=iterations)` for a {0, 1} uint8 image, in time
+    linear in the image area whatever the kernel size.
+
+    `iterations` dilations by a k-square with OpenCV's default anchor (k // 2) are one dilation by a square of side
+    K = iterations * (k - 1) + 1 anchored at iterations * (k // 2); a square is a row then a column, and a 1-D
+    dilation of a binary image is "the window sum is positive", which `cv2.boxFilter` computes with running sums.
+    cv2.dilate instead costs area x kernel size (a minute at 8192x8192 with the node's largest dilation).
+    """
+    if ksize < 1 or iterations < 1:
+        raise ValueError(f"dilate_rect needs ksize >= 1 and iterations >= 1, got {ksize}, {iterations}")
+    before = iterations * (ksize // 2)
+    after = iterations * (ksize - 1) - before
+
+    def window(n: int) -> tuple[int, int]:
+        # Reach beyond n - 1 pixels on either side covers the whole axis anyway: clip it, so the cost stays linear
+        # in the area even for kernels larger than the image.
+        b, a = min(before, n - 1), min(after, n - 1)
+        return b + a + 1, b
+
+    # Window sums saturate at 65535 in uint16, which keeps "positive" exact at half the memory of int32.
+    size, anchor = window(u8.shape[1])
+    rows = cv2.boxFilter(u8, cv2.CV_16U, (size, 1), anchor=(anchor, 0), normalize=False,
+                         borderType=cv2.BORDER_CONSTANT)
+    out = np.greater(rows, 0).view(np.uint8)
+    del rows
+    size, anchor = window(u8.shape[0])
+    cols = cv2.boxFilter(out, cv2.CV_16U, (1, size), anchor=(0, anchor), normalize=False,
+                         borderType=cv2.BORDER_CONSTANT)
+    return np.greater(cols, 0).view(np.uint8)
+
+
 def irregular_mask(seg: np.ndarray, rng: np.random.Generator,
                    params: IrregularMaskParams | None = None) -> np.ndarray:
     """m_irr (Algorithm 1): dilate by coverage ratio, then scribble from random non-zero points.
@@ -301,10 +333,10 @@ def irregular_mask(seg: np.ndarray, rng: np.random.Generator,
     ksize = max(1, int(round(kernel_frac * short * p.dilation_scale)))
     if ksize > 1 and ratio > 0:
         if p.kernel_shape == "rect":
-            kernel = np.ones((ksize, ksize), dtype=np.uint8)
+            m_d = dilate_rect(u8, ksize, iterations)
         else:
             kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (ksize, ksize))
-        m_d = cv2.dilate(u8, kernel, iterations=iterations)
+            m_d = cv2.dilate(u8, kernel, iterations=iterations)
     else:
         m_d = u8.copy()
 

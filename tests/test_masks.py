@@ -1,10 +1,9 @@
 """Properties of the paper's masks (painternet_core.masks) and of the PainterNetMaskGenerator node function.
 
-Pure core + a direct call of the node's function: no ComfyUI needed (mask_nodes imports nothing from comfy).
+Pure core + a direct call of the node's function (the node polls ComfyUI's interrupt flag between items).
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -26,11 +25,10 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 
 def _load_mask_nodes():
-    """Load nodes/mask_nodes.py by path under a private name (`nodes` may be ComfyUI's module in this process)."""
-    spec = importlib.util.spec_from_file_location("painternet_test_mask_nodes", ROOT / "nodes" / "mask_nodes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """nodes/mask_nodes.py as ComfyUI loads it (`nodes` may be ComfyUI's module in this process)."""
+    from comfy_helpers import pack_module
+
+    return pack_module("nodes.mask_nodes")
 
 
 @st.composite

@@ -14,12 +14,15 @@ which live in `harness/soak.py`).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import pytest
+import requests
 import torch
 
 from harness.models import branch_file
@@ -73,6 +76,37 @@ def _write_bad_branches(server: ComfyServer) -> None:
     torch.save({"w": torch.zeros(2)}, os.path.join(folder, "disguised.safetensors"))
     if not os.path.exists(os.path.join(folder, BRANCH_SDXL)):
         os.symlink(branch_file("sdxl", "tiny-sdxl-320-branch.safetensors"), os.path.join(folder, BRANCH_SDXL))
+    if not os.path.exists(os.path.join(folder, "header-0x80.safetensors")):
+        _rewrite_with_header_low_byte(good, os.path.join(folder, "header-0x80.safetensors"), 0x80)
+    from painternet_core.config import SD15_UNET, PainterNetConfig
+
+    # ~1 KB each: a config outside the bounds, and one inside them describing a 37 GB branch its tensors do not hold.
+    lies = {"lying-config.safetensors": dict(json.loads(PainterNetConfig(family="sd15", unet=SD15_UNET).to_json()),
+                                             unet=dict(SD15_UNET, layers_per_block=4000)),
+            "lying-shapes.safetensors": json.loads(PainterNetConfig(family="sd15", unet=dict(
+                SD15_UNET, block_out_channels=[4096] * 4, layers_per_block=2, transformer_layers_per_block=1,
+                attention_head_dim=64, cross_attention_dim=8192)).to_json())}
+    for name, config in lies.items():
+        header = json.dumps({"__metadata__": {"painternet_format": "1", "painternet_config": json.dumps(config)},
+                             "conv_in.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+        with open(os.path.join(folder, name), "wb") as fh:
+            fh.write(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+
+
+def _rewrite_with_header_low_byte(src: str, dst: str, low_byte: int) -> None:
+    """The same branch with metadata padding chosen so the header length's low byte (the file's first byte) is
+    `low_byte`: what 1 in 32 exports get by chance."""
+    with open(src, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        header["__metadata__"]["padding"] = ""
+        base = len(json.dumps(header).encode())
+        header["__metadata__"]["padding"] = " " * ((low_byte - base) % 256)
+        text = json.dumps(header).encode()
+        assert len(text) % 256 == low_byte
+        with open(dst, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            shutil.copyfileobj(fh, out)
 
 
 def _batch_mask(nodes: dict[str, Any], amount: int) -> Ref:
@@ -93,6 +127,29 @@ def _empty_image(nodes: dict[str, Any], width: int, height: int) -> Ref:
     nodes["44"] = {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": 1,
                                                           "color": 0x808080}}
     return ["44", 0]
+
+
+def _box_mask(text: str) -> Callable[[dict[str, Any]], Ref]:
+    """The mask drawn by PainterNetBoxMask on soak.png, with `text` as its shapes widget."""
+    def build(nodes: dict[str, Any]) -> Ref:
+        nodes["52"] = {"class_type": "LoadImage", "inputs": {"image": "soak.png"}}
+        nodes["53"] = {"class_type": "PainterNetBoxMask", "inputs": {"image": ["52", 0], "shapes": text,
+                                                                     "invert": False}}
+        return ["53", 0]
+    return build
+
+
+def _linked(node: str, name: str, value: float, kind: str = "PrimitiveFloat") -> Callable[[dict[str, Any]], None]:
+    """Feed input `name` of node `node` from a primitive node: ComfyUI range-checks widgets, not links."""
+    def edit(nodes: dict[str, Any]) -> None:
+        nodes["54"] = {"class_type": kind, "inputs": {"value": value}}
+        nodes[node]["inputs"][name] = ["54", 0]
+    return edit
+
+
+# 100 000 points zig-zagging across the image with the widest brush: within the point limit, over the work budget.
+_OVER_BUDGET_SHAPES = json.dumps({"version": 1, "shapes": [{"type": "stroke", "width": 1.0, "points": [
+    [i % 2, (i % 7) / 7] for i in range(100_000)]}]})
 
 
 def _nan_image(nodes: dict[str, Any]) -> Ref:
@@ -122,19 +179,53 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], Any]] = [
     ("image-67x45-cropped", {"image": lambda n: loaded_image(n, (67, 45)),
                              "mask": lambda n: rect_mask(n, 67, 45, (10, 10, 30, 20))}, (1, (64, 40))),
     ("image-nan", {"image": _nan_image}, ["image contains NaN"]),
+    # Issue 12: hostile and unlucky inputs.
+    ("branch-header-low-byte-0x80", {"branch": "header-0x80.safetensors"}, (1, (WIDTH, HEIGHT))),
+    ("branch-config-out-of-bounds", {"branch": "lying-config.safetensors"},
+     ["lying-config.safetensors", "layers_per_block=4000 must be an integer in [1, 4]"]),
+    ("branch-config-lies-about-tensors", {"branch": "lying-shapes.safetensors"},
+     ["lying-shapes.safetensors", "missing keys", "another topology"]),
+    ("scale-nan", {"scale": float("nan")}, ["scale=nan must be a finite number"]),
+    ("scale-linked-negative", {"edit": _linked("6", "scale", -5.0)}, ["scale=-5.0 is outside [0.0, 10.0]"]),
+    ("strokes-max-linked-1e9", {"mask_mode": "irregular", "edit": _linked("10", "strokes_max", 10**9, "PrimitiveInt")},
+     ["strokes_max=1000000000 is outside [0, 64]"]),
+    ("shapes-over-4mb", {"mask": _box_mask(json.dumps([{"type": "box", "x": "j" * 4_800_000}]))},
+     ["characters, more than 4194304"]),
+    ("shapes-null-point", {"mask": _box_mask('{"version": 1, "shapes": [{"type": "stroke", "width": 0.1, '
+                                             '"points": [null]}]}')}, ["points[0] must be an [x, y] pair, got None"]),
+    ("shapes-over-work-budget", {"mask": _box_mask(_OVER_BUDGET_SHAPES)}, ["units of drawing work", "more than"]),
+    ("shapes-box", {"mask": _box_mask('{"version": 1, "shapes": [{"type": "box", "x": 0.25, "y": 0.25, "w": 0.5, '
+                                      '"h": 0.5}]}')}, (1, (WIDTH, HEIGHT))),
 ]
+
+
+def _queue_allowing_nan(server: ComfyServer, prompt: dict[str, Any]) -> str:
+    """POST /prompt like server.queue, but with NaN/Infinity written as JS literals, which ComfyUI's JSON parser
+    accepts (requests refuses to write them): how an API client sends scale=NaN."""
+    body = json.dumps({"prompt": prompt, "client_id": server.client_id}, allow_nan=True)
+    r = requests.post(f"{server.url}/prompt", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    if r.status_code != 200:
+        raise RuntimeError(f"/prompt refused ({r.status_code}): {r.text[:2000]}")
+    return r.json()["prompt_id"]
 
 
 @pytest.mark.server
 @pytest.mark.parametrize("case, kwargs, expected", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_gives_documented_result_and_server_stays_usable(server, case, kwargs, expected):
     _write_bad_branches(server)
-    entry = server.run(inpaint_prompt(seed=zlib.crc32(case.encode()) % 1000, prefix=case, **kwargs))
+    kwargs = dict(kwargs)
+    edit = kwargs.pop("edit", None)
+    prompt = inpaint_prompt(seed=zlib.crc32(case.encode()) % 1000, prefix=case, **kwargs)
+    if edit is not None:
+        edit(prompt)
+    entry = server.wait(_queue_allowing_nan(server, prompt))
     if isinstance(expected, list):
         assert entry["status"]["status_str"] == "error", f"{case} should fail but {outcome(entry)}"
         text = error_text(entry)
         for part in expected:
-            assert part in text, f"{case}: {part!r} not in the error {text!r}"
+            assert part in text, f"{case}: {part!r} not in the error {text[:2000]!r}"
+        # However large the bad input, the message quotes little of it (it travels to /history and every client).
+        assert len(text) < 2000, f"{case}: a {len(text)}-character error message"
     else:
         count, (width, height) = expected
         assert outcome(entry) == "success", f"{case}: {outcome(entry)}"

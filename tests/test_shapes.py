@@ -4,7 +4,6 @@ Pure core + a direct call of the node's function with ComfyUI's folder_paths poi
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -216,12 +215,10 @@ def test_limits_and_sizes() -> None:
 
 
 def _load_box_mask_nodes():
-    """Load nodes/box_mask_nodes.py by path under a private name (`nodes` may be ComfyUI's module in this process)."""
-    path = ROOT / "nodes" / "box_mask_nodes.py"
-    spec = importlib.util.spec_from_file_location("painternet_test_box_mask_nodes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """nodes/box_mask_nodes.py as ComfyUI loads it (`nodes` may be ComfyUI's module in this process)."""
+    from comfy_helpers import pack_module
+
+    return pack_module("nodes.box_mask_nodes")
 
 
 def test_node_inputs_have_tooltips_and_category() -> None:

@@ -39,17 +39,39 @@ function viewUrl(ref) {
   return api.apiURL(`/view?${params}&rand=${Math.random()}`);
 }
 
+const isNumber = (v) => typeof v === "number" && Number.isFinite(v);
+const isPoint = (p) => Array.isArray(p) && p.length === 2 && isNumber(p[0]) && isNumber(p[1]);
+
+function isDrawable(s) {
+  // Only shapes the editor can paint; a shared workflow may hold anything (null points, objects, strings).
+  if (!s || typeof s !== "object") return false;
+  if (s.type === "box") return [s.x, s.y, s.w, s.h].every(isNumber);
+  if (s.type === "stroke") return isNumber(s.width) && Array.isArray(s.points) && s.points.length > 0
+    && s.points.every(isPoint);
+  return false;
+}
+
 function parseShapes(text) {
-  // The backend validates strictly and reports errors on run; here a bad value just shows as an empty drawing.
+  // The backend validates strictly and reports errors on run; here bad values are skipped (with a console warning)
+  // so a malformed shared workflow still loads instead of stopping the frontend with an error dialog.
   if (!text || !String(text).trim()) return [];
+  let list;
   try {
     const data = JSON.parse(text);
-    const list = Array.isArray(data) ? data : data?.shapes;
-    return Array.isArray(list) ? list.filter((s) => s && (s.type === "box" || s.type === "stroke")) : [];
+    list = Array.isArray(data) ? data : data?.shapes;
   } catch (error) {
     console.warn(`[${EXTENSION}] shapes widget holds invalid JSON, showing no shapes:`, error);
     return [];
   }
+  if (!Array.isArray(list)) {
+    console.warn(`[${EXTENSION}] shapes widget holds no shape list, showing no shapes`);
+    return [];
+  }
+  const shapes = list.filter(isDrawable);
+  if (shapes.length !== list.length) {
+    console.warn(`[${EXTENSION}] ignored ${list.length - shapes.length} malformed shape(s) of ${list.length}`);
+  }
+  return shapes;
 }
 
 function button(label, title, onClick) {
