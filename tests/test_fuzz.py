@@ -144,7 +144,7 @@ def test_random_configs_are_refused_or_build_on_meta(base, changes):
     """A config either fails validation with ValueError or describes a branch both builders construct (on the meta
     device, so this costs no memory whatever it asks for) with the same keys and shapes, so what the trainer writes
     the ComfyUI loader accepts; never a TypeError/ZeroDivisionError/IndexError."""
-    from comfy_helpers import pack_module
+    from harness.comfy_helpers import pack_module
 
     family, unet = base
     data = {"family": family, "unet": dict(unet, **changes)}

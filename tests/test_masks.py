@@ -26,7 +26,7 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 def _load_mask_nodes():
     """nodes/mask_nodes.py as ComfyUI loads it (`nodes` may be ComfyUI's module in this process)."""
-    from comfy_helpers import pack_module
+    from harness.comfy_helpers import pack_module
 
     return pack_module("nodes.mask_nodes")
 

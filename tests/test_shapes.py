@@ -216,7 +216,7 @@ def test_limits_and_sizes() -> None:
 
 def _load_box_mask_nodes():
     """nodes/box_mask_nodes.py as ComfyUI loads it (`nodes` may be ComfyUI's module in this process)."""
-    from comfy_helpers import pack_module
+    from harness.comfy_helpers import pack_module
 
     return pack_module("nodes.box_mask_nodes")
 

@@ -200,7 +200,7 @@ def test_wrong_tensor_shape_is_named_not_a_torch_size_dump(tiny_branch, tmp_path
     save_file(state, bad, metadata={"painternet_format": "1", "painternet_config": branch.config.to_json()})
     with pytest.raises(ValueError, match=r"1 tensors whose shape does not match .*conv_in.weight.*\[32, 9, 1, 1\]"):
         load_branch(bad)
-    from comfy_helpers import pack_module
+    from harness.comfy_helpers import pack_module
 
     with pytest.raises(ValueError, match=r"shape does not match .*conv_in.weight"):
         pack_module("nodes.branch").load_painternet(bad)
@@ -212,7 +212,7 @@ def test_both_loaders_expect_the_same_tensors(family, cross_attention):
     """The ComfyUI loader checks files against its own meta-device rebuild: it must expect exactly the keys and
     shapes the trainer's diffusers branch writes (SDXL's label embedding included, which ComfyUI's key map lists
     under two names)."""
-    from comfy_helpers import pack_module
+    from harness.comfy_helpers import pack_module
 
     unet = TINY_SD15_UNET if family == "sd15" else TINY_SDXL_UNET
     config = PainterNetConfig(family=family, unet=unet, cross_attention=cross_attention,
@@ -279,7 +279,7 @@ _MEMORY_PROBE = _PEAK_RSS + textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import conftest  # puts the repo and ComfyUI on sys.path, CPU only, like the test process
     from painternet_core.checkpoint import load_branch
-    from comfy_helpers import pack_module
+    from harness.comfy_helpers import pack_module
     loader = pack_module("nodes.branch").load_painternet
     # Warm every import and code path on a small lie first, so the peak below is what the big lie itself costs.
     for path in ({small!r}, {big!r}):
@@ -425,7 +425,7 @@ def test_chunked_drawing_is_pixel_identical_and_polls_interrupt(monkeypatch):
 
 @pytest.fixture(scope="module")
 def node_classes():
-    from comfy_helpers import load_pack
+    from harness.comfy_helpers import load_pack
 
     return load_pack()
 
