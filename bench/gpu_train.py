@@ -13,7 +13,8 @@ the frozen token-embedding tables). Sections:
    backward;
 2. flops — model FLOPs of one step counted with ``torch.utils.flop_counter.FlopCounterMode`` (gradient checkpointing
    off, so recomputation is not counted), per sample, checked for linearity in the batch and against the bounds set
-   by the counted forwards (a frozen module's backward costs 1× its forward for input gradients, a trained one ≤ 2×);
+   by the counted forwards (a frozen module's backward costs ~1× its forward for input gradients, a trained one
+   ~2×, none more than 2×);
    MFU = FLOPs / (step time × dense peak). Below the goal (45 %), one step is profiled and the top kernels, the time
    share per kernel class and the device's busy fraction are logged, then the safe changes (fused AdamW,
    channels_last) are re-measured on the same configuration;

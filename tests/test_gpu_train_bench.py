@@ -156,3 +156,30 @@ def test_full_size_components_have_the_real_sizes(tmp_path, family, unet_params)
         assert base.text_encoder_2.config.projection_dim + 6 * 256 == \
             base.unet.config.projection_class_embeddings_input_dim
         assert base.vae.config.force_upcast
+
+
+def _tensor_dtypes(value: object) -> set[torch.dtype]:
+    """dtypes of every tensor nested in dicts, lists and tuples (bitsandbytes nests its packed state)."""
+    if torch.is_tensor(value):
+        return {value.dtype}
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return set().union(*(_tensor_dtypes(item) for item in items))
+
+
+def test_8bit_adamw_trains_checkpoints_and_resumes_on_cpu(tmp_path):
+    """bitsandbytes' 8-bit AdamW (the one the GPU run measures; it has a CPU path) through the trainer: its uint8
+    moments are in accelerate's checkpoint and come back on resume, so the resumed step equals the uninterrupted
+    one."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    common = ["--preset", "tiny-sd15", "--optimizer", "adamw8bit_bnb", "--train_batch_size", "1", "--report_to",
+              "none", "--validation_steps", "0", "--learning_rate", "1e-3", "--seed", "5", "--output_dir", str(out),
+              "--max_train_steps", "3", "--checkpointing_steps", "2"]
+    straight = train.main(common)
+    saved = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=True)
+    assert torch.uint8 in _tensor_dtypes(saved["state"])
+    resumed = train.main(common + ["--resume_from_checkpoint", "latest"])
+    assert resumed.resumed_from == out / "checkpoint-2" and sorted(resumed.losses) == [3]
+    assert resumed.losses[3]["l_diff"] == straight.losses[3]["l_diff"]
+    a, b = straight.branch.state_dict(), resumed.branch.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

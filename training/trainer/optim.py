@@ -4,12 +4,14 @@ Why a named factory shared by ``train.py`` and ``bench/gpu_train.py``: the bench
 the trainer builds, and each 8-bit option needs its own import error naming the package to install.
 
 Which 8-bit AdamW: both keep the two Adam moments in 8 bits with block-wise scales (≈ 2 bytes/param instead of 8).
-bitsandbytes ships precompiled CUDA kernels (a ~43 MB wheel, CUDA only); torchao's is plain PyTorch compiled with
-``torch.compile`` on first use (a ~3.4 MB wheel, runs on CPU too, one compilation per distinct parameter shape at the
-first step; its states survive ``torch.load(weights_only=True)``, as accelerate's ``load_state`` reads them).
-``--use_8bit_adam`` keeps meaning bitsandbytes, as in diffusers' scripts. torchao cannot live next to diffusers
-0.36.x: that release's torchao hook imports names torchao 0.17+ no longer has and then fails with a NameError, so
-``import diffusers`` itself breaks; :func:`check_optimizer` says so before anything is loaded.
+bitsandbytes ships precompiled kernels (a ~43 MB wheel; CUDA, and in 0.50 the CPU too); torchao's is plain PyTorch
+compiled with ``torch.compile`` on first use (a ~3.4 MB wheel, CPU too, one compilation per distinct parameter shape
+at the first step). Both optimizers' states survive ``torch.load(weights_only=True)``, as accelerate's
+``load_state`` reads them. ``--use_8bit_adam`` keeps meaning bitsandbytes, as in diffusers' scripts.
+
+torchao cannot live next to diffusers 0.36.x: that release's torchao hook imports names torchao 0.17+ no longer has
+and then fails with a NameError, so ``import diffusers`` itself breaks; :func:`check_optimizer` says so before
+anything is loaded.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: floa
             import bitsandbytes as bnb
         except ImportError as error:
             raise ValueError("--optimizer adamw8bit_bnb (--use_8bit_adam) needs bitsandbytes (pip install "
-                             "bitsandbytes, CUDA only); use --optimizer adamw8bit_torchao or adamw instead.") from error
+                             "bitsandbytes); use --optimizer adamw to keep torch AdamW.") from error
         return bnb.optim.AdamW8bit(params, **kwargs)
     if name == "adamw8bit_torchao":
         try:

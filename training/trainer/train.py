@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_8bit_adam", action="store_true",
                    help="bitsandbytes 8-bit AdamW (pip install bitsandbytes); same as --optimizer adamw8bit_bnb.")
     g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
-                   help="adamw (torch, foreach), adamw_fused (torch fused kernel), adamw8bit_bnb (bitsandbytes, "
-                        "CUDA only) or adamw8bit_torchao (torchao, pip install torchao; compiles on the first step).")
+                   help="adamw (torch, foreach), adamw_fused (torch fused kernel), adamw8bit_bnb (pip install "
+                        "bitsandbytes) or adamw8bit_torchao (pip install torchao, needs diffusers >= 0.37; compiles "
+                        "on the first step).")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="Autocast precision; frozen parts are cast to it (SDXL VAE stays fp32). Default: accelerate "
                         "config / no.")
