@@ -71,6 +71,16 @@ KERNEL_CLASSES = (
     ("norm", r"norm"),
     ("copy", r"memcpy|memset|copy_|to_copy|cat"),
 )
+#: What would move each kernel class's time (printed for the classes that take ≥ 10 % of a profiled step).
+LEVERS = {
+    "attention": "SDPA backend (flash/cuDNN vs memory-efficient; the ATAL map runs its own fp32 SDPA)",
+    "optimizer": "fused AdamW (re-measured below) or an 8-bit AdamW",
+    "conv": "channels_last (re-measured below), torch.backends.cudnn.benchmark",
+    "matmul": "already GEMMs: larger batch, bf16 everywhere (the branch runs under autocast)",
+    "norm": "torch.compile of the branch (fuses GroupNorm + SiLU)",
+    "other": "elementwise kernels: torch.compile of the branch",
+    "copy": "host-device copies: pinned batches, noise drawn on the device",
+}
 FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
 fsdp_config:
@@ -645,6 +655,13 @@ def section_flops(bench: Bench, base: Any, resolution: int, rows: list[dict[str,
           + (f", device busy {busy * 100:.0f} %" if busy is not None else "") + "): time by kernel class "
           + ", ".join(f"{k} {v * 100:.0f} %" for k, v in prof["classes"].items()))
     r.say(prof["table"])
+    levers = [f"{kind} {share * 100:.0f} %: {LEVERS[kind]}" for kind, share in prof["classes"].items() if share >= 0.1]
+    if busy is not None and busy < 0.8:
+        levers.append(f"device idle {(1 - busy) * 100:.0f} % of the step: host-bound (Python, launches, CPU-drawn "
+                      "noise and syncs): larger batch, CUDA graphs / torch.compile")
+    counts["levers"] = levers
+    for lever in levers:
+        r.say(f"  lever: {lever}")
     r.say("  re-measured with the safe changes (same configuration):")
     variants = [("adamw_fused", True)] if bench.dry_run else [("adamw_fused", False), ("adamw", True),
                                                                ("adamw_fused", True)]

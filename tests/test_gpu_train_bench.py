@@ -78,6 +78,7 @@ def test_dry_run_flop_count_is_positive_linear_and_bounded(dry_run):
     prof = data["flops"]["profile"]
     assert prof["top"] and all(_finite(k["self_ms"]) for k in prof["top"])
     assert sum(prof["classes"].values()) == pytest.approx(1.0)
+    assert data["flops"]["levers"]  # seven classes share the time, so one has >= 1/7 and gets its lever
     assert data["flops"]["variants"] and data["flops"]["variants"][0]["status"] == "ok"
 
 
