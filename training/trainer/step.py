@@ -3,7 +3,7 @@
 scheduler step), with the per-step generator that makes resumes exact. ``training/trainer/train.py`` only
 orchestrates these.
 
-Why public functions and not inline in the script: the tests and the benchmarks (``bench/train_step.py``, GPU
+Why public functions and not inline in the script: the tests and the benchmarks (``bench/gpu_train.py``, GPU
 benches) run exactly the trainer's step (same condition prep, same loss, same injection, same optimizer step), so a
 number measured there is a number of the trainer.
 """

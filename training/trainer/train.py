@@ -27,6 +27,8 @@ if __package__ in (None, ""):  # `python training/trainer/train.py`: make the re
 
 import torch
 
+from training.trainer.optim import OPTIMIZERS, check_optimizer
+
 logger = logging.getLogger("painternet.training")
 
 PRESETS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
@@ -91,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (pip install bitsandbytes).")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="bitsandbytes 8-bit AdamW (pip install bitsandbytes); same as --optimizer adamw8bit_bnb.")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="adamw (torch, foreach), adamw_fused (torch fused kernel), adamw8bit_bnb (pip install "
+                        "bitsandbytes) or adamw8bit_torchao (pip install torchao, needs diffusers >= 0.37; compiles "
+                        "on the first step).")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="Autocast precision; frozen parts are cast to it (SDXL VAE stays fp32). Default: accelerate "
                         "config / no.")
@@ -156,6 +163,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.use_8bit_adam and args.optimizer not in ("adamw", "adamw8bit_bnb"):
+        raise ValueError(f"--use_8bit_adam (bitsandbytes) conflicts with --optimizer {args.optimizer}; drop one.")
+    check_optimizer("adamw8bit_bnb" if args.use_8bit_adam else args.optimizer)
     if not 0.0 <= args.prompt_dropout < 1.0:
         raise ValueError(f"--prompt_dropout must be in [0, 1), got {args.prompt_dropout}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -249,17 +259,12 @@ def _run_validation(args: argparse.Namespace, accelerator: Any, base: Any, branc
 
 
 def _optimizer(args: argparse.Namespace, params: Any) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW with a clear error when bitsandbytes is missing."""
-    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise ValueError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes, CUDA only); drop the flag "
-                             "to use torch AdamW.") from error
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    """The ``--optimizer`` (``--use_8bit_adam`` = bitsandbytes) with the AdamW flags; see ``training.trainer.optim``."""
+    from training.trainer.optim import build_optimizer
+
+    return build_optimizer("adamw8bit_bnb" if args.use_8bit_adam else args.optimizer, params,
+                           lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
 def _tracker_config(args: argparse.Namespace) -> dict[str, Any]:
