@@ -151,6 +151,22 @@ def test_brushdata_missing_members_and_size_mismatch_are_skipped(tmp_path):
     assert sum(dataset.skipped.values()) == 3
 
 
+def test_one_shard_reader_for_files_brace_patterns_and_pipe_urls(tmp_path):
+    from training.painterdata.shards import iter_shard, list_shards
+
+    for n in range(2):
+        write_shard(tmp_path / f"{n:05d}.tar", {f"k{n}": brush_members(n)})
+    assert list_shards(str(tmp_path / "{00000..00001}.tar")) == list_shards(tmp_path)
+    piped = [s.by_ext() for s in iter_shard(f"pipe:cat {tmp_path / '00001.tar'}")]
+    direct = [s.by_ext() for s in iter_shard(tmp_path / "00001.tar")]
+    assert piped == direct and sorted(direct[0]) == ["caption", "height", "image", "local_caption", "segmentation",
+                                                     "width"]
+    dataset = BrushDataShards([f"pipe:cat {tmp_path / '00000.tar'}"], 32, shuffle=False)
+    assert [s["key"] for s in dataset] == ["k0"]
+    with pytest.raises(ValueError, match="does not exist"):
+        list_shards(str(tmp_path / "{00000..00002}.tar"))
+
+
 def _keys_over_ranks_and_workers(make, world: int = 2, workers: int = 2) -> list[str]:
     keys: list[str] = []
     for rank in range(world):

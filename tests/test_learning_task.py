@@ -56,7 +56,7 @@ def test_training_teaches_the_local_prompt_and_atal_moves_attention_into_the_hol
     import torch
 
     from painternet_core.branch import PainterNetBranch
-    from training.step import load_base_model
+    from training.inference import load_base_model
 
     settings = PretrainSettings(unet_steps=200, images=256)
     base_path = prepare_base(settings, CACHE)
