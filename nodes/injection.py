@@ -108,8 +108,8 @@ def _conflict(residual: torch.Tensor, h: torch.Tensor, where: str, options: dict
     return RuntimeError(
         f"PainterNet residual of shape {tuple(residual.shape)} cannot join the model's hidden state "
         f"{tuple(h.shape)} at {where}: another model patch changed it in a way the branch cannot follow (other "
-        f"{hook} patches: {_patch_names(options, hook)}). Apply that patch to the model before PainterNetApply with "
-        "settings that keep channels and batch, or remove it from this model")
+        f"{hook} patches: {_patch_names(options, hook)}). Set that patch so it keeps the channels and the batch size "
+        "(a changed spatial size is followed), or use it on a model without PainterNet")
 
 
 def resize_map(residual: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -346,8 +346,63 @@ def calc_cond_batch_wrapper(executor: Any, model: Any, conds: list[list[dict[str
     return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
 
 
+REUSE_IDENTICAL_CALLS = True  # reuse branch rows across calls whose inputs are equal (PAG); tests compare with off
+
+
+class BranchRowCache:
+    """The branch's unscaled residuals of the last call and the inputs that produced them, for one apply.
+
+    The branch is a pure function of each row's (input, timestep, context, y): rows are independent (GroupNorm and
+    attention never mix batch rows) and the branch gets its own clean transformer_options, so a guider that calls the
+    model again with equal inputs in the same step (PerturbedAttentionGuidance re-runs the cond rows with a perturbed
+    *base* self-attention) gets the same residuals. Equality is checked on the values (`torch.equal`), never assumed;
+    the cache is emptied at the end of each sampling run so nothing outlives it."""
+
+    def __init__(self) -> None:
+        self.inputs: tuple[Any, ...] | None = None
+        self.out: dict[str, Any] | None = None
+
+    def clear(self) -> None:
+        self.inputs = self.out = None
+
+    def lookup(self, inputs: tuple[Any, ...]) -> dict[str, Any] | None:
+        if self.inputs is None or self.out is None:
+            return None
+        rows = []
+        for i in range(inputs[0].shape[0]):
+            match = next((j for j in range(self.inputs[0].shape[0])
+                          if all(_row_equal(a, b, i, j) for a, b in zip(inputs, self.inputs))), None)
+            if match is None:
+                return None
+            rows.append(match)
+        index = torch.tensor(rows, device=self.out["mid"].device)
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return {"down": [pick(r) for r in self.out["down"]], "mid": pick(self.out["mid"]),
+                "up": [pick(r) for r in self.out["up"]], "attention": {k: pick(v) for k, v in self.out["attention"].items()}}
+
+    def store(self, inputs: tuple[Any, ...], out: dict[str, Any]) -> None:
+        self.inputs, self.out = inputs, out
+
+
+def _row_equal(a: Any, b: Any, i: int, j: int) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape[1:] == b.shape[1:] and a.dtype == b.dtype and torch.equal(a[i], b[j])
+
+
+def make_outer_sample_wrapper(cache: BranchRowCache) -> Callable[..., Any]:
+    def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        cache.clear()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            cache.clear()
+
+    return outer_sample_wrapper
+
+
 def make_wrapper(painternet: Any, condition: torch.Tensor, scale: float, sigma_start: float, sigma_end: float,
-                 layout: ComfyLayout, apply_id: int = -1) -> Callable[..., Any]:
+                 layout: ComfyLayout, apply_id: int = -1, cache: BranchRowCache | None = None) -> Callable[..., Any]:
     """The DIFFUSION_MODEL wrapper for one apply. It holds the condition in its closure (never in model_options,
     which every clone() deep-copies) and runs the branch only inside the sampling range. Inside a compiled model it
     does no host-side work: the range decision arrives from the APPLY_MODEL wrapper, and the branch is traced into
@@ -370,9 +425,18 @@ def make_wrapper(painternet: Any, condition: torch.Tensor, scale: float, sigma_s
         latent = x[:, :4]
         dtype = branch.compute_dtype
         c = _chunk_conditions(condition.to(latent.device), latent, transformer_options)
-        with torch.no_grad():
-            out = branch(torch.cat([latent, c], dim=1).to(dtype), timesteps,
-                         None if context is None else context.to(dtype), None if y is None else y.to(dtype))
+        inputs = (torch.cat([latent, c], dim=1).to(dtype), timesteps,
+                  None if context is None else context.to(dtype), None if y is None else y.to(dtype))
+        # Value comparisons are host-side work: never inside a compiled model, where the branch is traced instead.
+        reuse = cache is not None and REUSE_IDENTICAL_CALLS and not torch.compiler.is_compiling()
+        out = cache.lookup(inputs) if reuse else None
+        if out is None:
+            if reuse:
+                cache.clear()  # the previous residuals go before new ones are made: one set alive, not two
+            with torch.no_grad():
+                out = branch(*inputs)
+            if reuse:
+                cache.store(inputs, out)
         if len(out["down"]) != expected_down:
             raise RuntimeError("branch produced an unexpected number of control points")
         scaled = {"down": [r * scale for r in out["down"]], "mid": out["mid"] * scale,
@@ -406,8 +470,11 @@ def apply_painternet(model: Any, painternet: Any, condition: torch.Tensor, scale
     wrappers = comfy.patcher_extension.WrappersMP
     patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY,
                                  make_apply_model_wrapper(apply_id, sigma_start, sigma_end))
+    cache = BranchRowCache()
     patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY,
-                                 make_wrapper(painternet, condition, scale, sigma_start, sigma_end, layout, apply_id))
+                                 make_wrapper(painternet, condition, scale, sigma_start, sigma_end, layout, apply_id,
+                                              cache))
+    patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, make_outer_sample_wrapper(cache))
     if calc_cond_batch_wrapper not in patched.get_wrappers(wrappers.CALC_COND_BATCH, WRAPPER_KEY):
         patched.add_wrapper_with_key(wrappers.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
     others = patched.get_additional_models_with_key(WRAPPER_KEY)
