@@ -379,3 +379,27 @@ def test_pag_reuses_the_branch_rows_of_the_same_step(world, monkeypatch):
         handle.remove()
     assert (reused_calls, recomputed_calls) == (STEPS, 2 * STEPS)
     assert (reused - recomputed).abs().max() <= 1e-4
+
+
+def test_new_wrappers_accept_and_forward_unknown_keyword_arguments():
+    """The APPLY_MODEL, CALC_COND_BATCH and OUTER_SAMPLE wrappers take and pass on arguments a newer ComfyUI may add."""
+    inj = pack_module("nodes.injection")
+    future = {"painternet_future_option": object()}
+    seen = {}
+
+    def executor(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        return "out"
+
+    options: dict = {"sigmas": torch.tensor([5.0])}
+    assert inj.make_apply_model_wrapper(7, 10.0, 1.0)(executor, torch.zeros(1), torch.tensor([5.0]), None, None,
+                                                      None, options, **future) == "out"
+    assert seen["kwargs"] == future and seen["args"][5] is options and inj.ACTIVE not in options
+    area_cond = {"uuid": "u", "area": (2, 3, 1, 0)}
+    assert inj.calc_cond_batch_wrapper(executor, "model", [[area_cond], None], "x", "t", {"transformer_options": {}},
+                                       **future) == "out"
+    assert seen["kwargs"] == future and seen["args"][4]["transformer_options"][inj.AREAS] == {"u": (2, 3, 1, 0)}
+    cache = inj.BranchRowCache()
+    cache.store((torch.zeros(1),), {"mid": torch.zeros(1)})
+    assert inj.make_outer_sample_wrapper(cache)(executor, 1, 2, **future) == "out"
+    assert seen["kwargs"] == future and cache.inputs is None
