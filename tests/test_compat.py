@@ -187,8 +187,8 @@ def test_sampler_custom_advanced_row(world, guider):
 
 
 def test_lora_row(world):
-    """A random LoRA over every attention and conv weight ComfyUI maps for this UNet, loaded by ComfyUI's own
-    LoRA code (what LoraLoaderModelOnly runs)."""
+    """A random LoRA on every cross-attention key/value projection of the UNet, loaded by ComfyUI's own LoRA code
+    (what LoraLoaderModelOnly runs)."""
     import comfy.lora
     import comfy.sd
 
@@ -197,14 +197,15 @@ def test_lora_row(world):
     g = torch.Generator().manual_seed(3)
     lora: dict[str, torch.Tensor] = {}
     for lora_key, weight_key in sorted(key_map.items()):
-        if not lora_key.startswith("lora_unet_") or not isinstance(weight_key, str) or weight_key not in shapes:
+        if (not lora_key.startswith("lora_unet_") or not isinstance(weight_key, str) or weight_key not in shapes
+                or not weight_key.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))):
             continue
         shape = shapes[weight_key].shape
         if len(shape) != 2:
             continue
         lora[f"{lora_key}.lora_up.weight"] = torch.randn(shape[0], 4, generator=g) * 0.1
         lora[f"{lora_key}.lora_down.weight"] = torch.randn(4, shape[1], generator=g) * 0.1
-    assert len(lora) > 20
+    assert len(lora) >= 16
 
     def patch(model: Any) -> Any:
         patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
