@@ -103,9 +103,10 @@ def error_text(entry: dict[str, Any]) -> str:
     return ""
 
 
-def start_server(base: str, timeout: float = 300.0, cpu: bool = True) -> ComfyServer:
+def start_server(base: str, timeout: float = 300.0, cpu: bool = True,
+                 extra_args: tuple[str, ...] = ()) -> ComfyServer:
     """Start ComfyUI with its own base folder (models, input, output, user) and the pack linked in; `cpu=False`
-    lets it pick the accelerator (benchmarks on a GPU machine)."""
+    lets it pick the accelerator (benchmarks on a GPU machine); `extra_args` go to main.py (e.g. --front-end-root)."""
     for sub in ("custom_nodes", "input", "output", "temp", "user", "models/checkpoints", "models/painternet"):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     link = os.path.join(base, "custom_nodes", PACK_NAME)
@@ -121,7 +122,7 @@ def start_server(base: str, timeout: float = 300.0, cpu: bool = True) -> ComfySe
            "127.0.0.1", "--port", str(port), "--extra-model-paths-config", config, "--input-directory",
            os.path.join(base, "input"), "--output-directory", os.path.join(base, "output"), "--temp-directory",
            os.path.join(base, "temp"), "--user-directory", os.path.join(base, "user"), "--database-url",
-           "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes"]
+           "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes", *extra_args]
     env = dict(os.environ, **SERVER_ENV)
     log = open(log_path, "w", encoding="utf-8")
     process = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)

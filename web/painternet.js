@@ -51,6 +51,22 @@ function isDrawable(s) {
   return false;
 }
 
+// The picture an upstream node displays: its previews (canvas-drawn nodes keep them in `imgs`) or, when those are
+// not there (Nodes 2.0 renders nodes with Vue and keeps previews elsewhere), the input file its `image` combo names
+// (Load Image).
+function upstreamImageSrc(upstream) {
+  const shown = upstream?.imgs?.[upstream.imageIndex ?? 0]?.src;
+  if (shown) return shown;
+  const widget = upstream?.widgets?.find((w) => w.name === "image" && w.type === "combo");
+  if (typeof widget?.value !== "string" || !widget.value) return null;
+  const name = widget.value.replace(/\s*\[(input|output|temp)\]$/, "");
+  const cut = name.lastIndexOf("/");
+  const params = new URLSearchParams({
+    filename: name.slice(cut + 1), subfolder: cut >= 0 ? name.slice(0, cut) : "", type: "input",
+  });
+  return api.apiURL(`/view?${params}`);
+}
+
 function parseShapes(text) {
   // The backend validates strictly and reports errors on run; here bad values are skipped (with a console warning)
   // so a malformed shared workflow still loads instead of stopping the frontend with an error dialog.
@@ -235,7 +251,7 @@ class ShapeEditor {
   pollUpstream() {
     const slot = this.node.inputs?.findIndex((input) => input.name === "image") ?? -1;
     const upstream = slot >= 0 ? this.node.getInputNode(slot) : null;
-    const src = upstream?.imgs?.[upstream.imageIndex ?? 0]?.src ?? null;
+    const src = upstreamImageSrc(upstream);
     if (src && src !== this.upstreamSrc) {
       this.upstreamSrc = src;
       this.setImage(src, "upstream");
@@ -423,6 +439,8 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       this.painternetEditor = new ShapeEditor(this);
+      // Nodes 2.0 never calls onDrawForeground (the canvas does not draw Vue-rendered nodes): poll on a timer too.
+      this.painternetPoll = setInterval(() => this.painternetEditor?.pollUpstream(), 300);
       const [w, h] = this.size;
       this.setSize([Math.max(w, 340), Math.max(h, EDITOR_MIN_HEIGHT + 110)]);
       return result;
@@ -447,6 +465,12 @@ app.registerExtension({
         editor.draw();
       }
       return result;
+    };
+
+    const onRemoved = nodeType.prototype.onRemoved;
+    nodeType.prototype.onRemoved = function () {
+      clearInterval(this.painternetPoll);
+      return onRemoved?.apply(this, arguments);
     };
 
     const onDrawForeground = nodeType.prototype.onDrawForeground;
