@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from painternet_core import crop as C  # noqa: E402
 from painternet_core.config import SD15_UNET  # noqa: E402
+from machine import device_name  # noqa: E402
 
 GROW, FEATHER, CONTEXT, CONTEXT_MIN, RESOLUTION = 8, 16, 0.5, 64, 512
 
@@ -194,17 +195,6 @@ def picture(path: str) -> None:
     print(f"wrote {path} ({sheet.shape[1]}x{sheet.shape[0]})")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["1024x1024", "4032x3024", "4096x4096"],
@@ -219,7 +209,7 @@ def main() -> None:
     step = sd15_step_seconds(2) if args.sd15_step else None
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    print(f"# crop_stitch bench: cpu={cpu_name()!r} nproc={os.cpu_count()} python={platform.python_version()} "
+    print(f"# crop_stitch bench: cpu={device_name()!r} nproc={os.cpu_count()} python={platform.python_version()} "
           f"torch={torch.__version__} opencv={cv2.__version__} threads=1 repeats={args.repeats} "
           f"load={os.getloadavg()[0]:.2f}")
     print(f"# hole: ellipse, 1/8 of the short side; grow {GROW}, feather {FEATHER}, context {CONTEXT}, "

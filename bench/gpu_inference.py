@@ -50,6 +50,8 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+from machine import device_name
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "ComfyUI-PainterNet"
 
@@ -756,11 +758,9 @@ def log_family(family: str, result: dict[str, Any], args: argparse.Namespace, lo
 
 
 def device_slug(mm: Any, dry_run: bool) -> str:
-    import torch
-
     device = mm.get_torch_device()
     if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+        return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
     return "cpu-dryrun" if dry_run else "cpu"
 
 
@@ -777,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     device = mm.get_torch_device()
     path = args.log or os.path.join(args.log_dir, f"gpu_inference-{device_slug(mm, args.dry_run)}.txt")
     log = Log(path)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = device_name(device)
     log(f"$ python bench/gpu_inference.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     log(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
     log(f"device: {device} ({name}), torch {torch.__version__}, CUDA {torch.version.cuda}, python "

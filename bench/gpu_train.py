@@ -59,6 +59,9 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+# As bench.machine, not machine: tests import this file as bench.gpu_train, with bench/ not on sys.path.
+from bench.machine import device_name  # noqa: E402
+
 SECTIONS = ("sweep", "flops", "atal", "smoke", "sdxl")
 #: Dense bf16 matrix rate measured on this workplace's H200 machines (8192³ random bf16 products, 769-798 TFLOP/s).
 H200_BF16_TFLOPS = 790.0
@@ -150,7 +153,7 @@ def gpu_label(device: torch.device) -> str:
     """The log's file-name tag: ``cpu-dry-run`` or the GPU's name in lowercase words (``nvidia-h200``)."""
     if device.type != "cuda":
         return "cpu-dry-run"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
 # ------------------------------------------------------------------------------------------------------- models
@@ -836,7 +839,7 @@ def main(argv: list[str] | None = None) -> Path:
                       steps=args.steps if args.steps is not None else (1 if args.dry_run else 5),
                       deadline=time.monotonic() + args.budget_s, peak_tflops=0.0, tmp=Path(tmp), report=report)
         measured = matmul_tflops(bench)
-        name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
+        name = device_name(device)
         if args.peak_tflops is not None:
             bench.peak_tflops = args.peak_tflops
         elif cuda and "H200" in name:

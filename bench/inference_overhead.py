@@ -27,12 +27,13 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
 from typing import Any
+
+from machine import device_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = (("base", None), ("full", 1.0), ("end=0.5", 0.5))
@@ -256,7 +257,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = mm.get_torch_device()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = device_name(device)
     print(f"PainterNet inference overhead: {device} ({name}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, os.cpu_count {os.cpu_count()}, load average at start "
           f"{' '.join(format(x, '.2f') for x in os.getloadavg())}")

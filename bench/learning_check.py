@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.learning_task import (SETTINGS, PretrainSettings, evaluate_branch, held_out_samples,  # noqa: E402
                                  prepare_base, train_setting, write_task_folder)
+from bench.machine import device_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
                 images[name] = result.images
     wall = time.time() - started
 
-    print(f"# learning check, {time.strftime('%Y-%m-%d')}: {platform.machine()}, {os.cpu_count()} CPUs, "
+    print(f"# learning check, {time.strftime('%Y-%m-%d')}: {device_name()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {args.threads} thread(s)")
     print(f"base: tiny SD1.5-shaped UNet pretrained {settings.unet_steps} steps text-to-image (seed {settings.seed}), "
           f"constructed patch-mean VAE; {settings.images} training scenes, {args.samples} held-out scenes")

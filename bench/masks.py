@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from machine import device_name  # noqa: E402
 from painternet_core import masks  # noqa: E402
 
 
@@ -57,17 +58,6 @@ def rate(mode: str, inputs: list[np.ndarray], count: int, seed: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2000, help="masks timed per (mode, size); default 2000")
@@ -76,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cv2.setNumThreads(1)
-    print(f"# painternet masks bench: cpu={cpu_name()!r} python={platform.python_version()} "
+    print(f"# painternet masks bench: cpu={device_name()!r} python={platform.python_version()} "
           f"numpy={np.__version__} opencv={cv2.__version__} threads=1 count={args.count}")
     for size in args.sizes:
         inputs = realistic_segmentations(size, 64, np.random.default_rng(args.seed))

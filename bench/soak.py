@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from harness import use_comfyui  # noqa: E402
+from machine import device_name  # noqa: E402
 from harness.server import SERVER_ENV  # noqa: E402
 from harness.soak import (BASELINE_PROMPTS, RSS_MARGIN_BYTES, SoakRecord, run_soak, server_rss,  # noqa: E402
                           setup_server, soak_plan, soak_problems)
@@ -36,14 +37,13 @@ MIB = 2**20
 def machine_info() -> list[str]:
     import torch
 
-    model = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    lines = [model or f"Model name: {platform.processor()}", f"nproc: {nproc}",
+    lines = [f"Model name: {device_name()}", f"nproc: {nproc}",
              f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
              f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
              f"python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}"]
     if torch.cuda.is_available():
-        lines.append(f"GPU: {torch.cuda.get_device_name(0)}")
+        lines.append(f"GPU: {device_name('cuda:0')}")
     return lines
 
 

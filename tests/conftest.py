@@ -21,3 +21,6 @@ except RuntimeError as error:
     raise pytest.UsageError(str(error)) from None
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
+
+# Tiny CLIP / Grounding-DINO fixtures shared by the PainterBench and PainterData tests.
+pytest_plugins = ["painter_fixtures"]
