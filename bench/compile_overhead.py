@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any
+
+from machine import device_name  # bench/ is on sys.path when run as a script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +142,7 @@ def main() -> None:
     started = time.time()
     parts = build(args)
     models = parts["models"]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    print(f"machine: {device_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; topology {args.topology} (UNet {parts['params'][0] / 1e6:.1f} M, "
           f"branch {parts['params'][1] / 1e6:.1f} M params); {args.size}x{args.size} px, {args.steps} euler steps, "
           f"cfg {args.cfg}, backend {args.backend}, PyTorch SDPA attention", flush=True)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compile_overhead import build, sample_once, setup_comfy  # noqa: E402
+from machine import device_name  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
 
     models = {"base": base, "patched": patched, "base+deep shrink": shrink(base),
               "patched+deep shrink": shrink(patched)}
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+    print(f"machine: {device_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"topology {args.topology}; {args.size}x{args.size} px, {args.steps} euler steps, cfg {args.cfg}, "
           f"Deep Shrink block 3 x{args.factor} on every step", flush=True)
     for model in models.values():
