@@ -701,4 +701,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from training.cli import end_processes
+
+    raise SystemExit(end_processes(main()))
