@@ -297,6 +297,10 @@ def _chunk_conditions(condition: torch.Tensor, latent: torch.Tensor, options: di
                 f"{condition.shape[-1] * 8}x{condition.shape[-2] * 8} image"
                 + (f" (area {tuple(area)} in latent pixels)" if area is not None else "")
                 + "; sample the LATENT that PainterNetApply outputs (or an image of the same size)")
+        if c.shape[0] not in (1, per_chunk):
+            # broadcast_image_to would repeat the images cyclically (2 images for 3 latents: 0, 1, 0).
+            raise ValueError(f"PainterNetApply got {c.shape[0]} images but the latent batch is {per_chunk}; "
+                             "use 1 image or one per latent")
         c = broadcast_image_to(c, per_chunk, 1)
         if c.shape[0] == 1:
             c = c.expand(per_chunk, -1, -1, -1)

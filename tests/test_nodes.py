@@ -77,6 +77,15 @@ def test_pack_loads_like_comfyui_loads_it():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
 
 
+def test_image_batch_that_does_not_divide_the_latent_batch_is_refused(tmp_path):
+    """Two images against three latents per chunk: ComfyUI's broadcast would repeat them (0, 1, 0) silently."""
+    _, painternet, model = _tiny("sd15", tmp_path)
+    conditions = torch.randn(2, 5, 16, 16, generator=torch.Generator().manual_seed(5))
+    x, t, ctx, y = _inputs("sd15", 6)
+    with pytest.raises(ValueError, match="got 2 images but the latent batch is 3; use 1 image or one per latent"):
+        _run(_apply(model, painternet, conditions), x, t, ctx, y, [1, 0])
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("cond_or_uncond", [[1, 0], [0], [1]], ids=["cfg", "cfg1", "split-chunk"])
 def test_each_row_gets_its_own_image_condition(family, cond_or_uncond, tmp_path):
