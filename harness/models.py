@@ -143,3 +143,18 @@ def sd15_checkpoint_variant(name: str, seed: int) -> str:
     comfy.utils.save_torch_file(sd, tmp)
     os.replace(tmp, path)
     return path
+
+
+# Our layer-control names -> the names in TencentARC's public BrushNet / PowerPaint-CA files.
+_BRUSHNET_NAMES = {"conv_in.": "conv_in_condition.", "layer_control_down.": "brushnet_down_blocks.",
+                   "layer_control_mid.": "brushnet_mid_block.", "layer_control_up.": "brushnet_up_blocks."}
+
+
+def brushnet_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A branch state dict renamed to the public BrushNet key layout (what a downloaded BrushNet file holds), so
+    tests load the real format rather than our own export of it."""
+    out = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in _BRUSHNET_NAMES if key.startswith(p)), None)
+        out[_BRUSHNET_NAMES[prefix] + key[len(prefix):] if prefix else key] = value.contiguous()
+    return out

@@ -7,13 +7,13 @@ branch still changes it, and `scale=0` gives exactly the patch alone, whichever 
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import pytest
 import torch
 
 from harness.comfy_helpers import comfy_model_from_diffusers, pack_module
+from harness.models import brushnet_layout
 from painternet_core.branch import PainterNetBranch
 from painternet_core.checkpoint import load_branch, save_branch
 from painternet_core.config import TINY_SD15_UNET
@@ -51,12 +51,7 @@ def world(tmp_path_factory) -> dict[str, Any]:
     brush = PainterNetBranch.from_unet(unet, cross_attention=False, attention_control=False)
     for p in brush.parameters():
         p.data.normal_(0, 0.05)
-    renames = {"conv_in.": "conv_in_condition.", "layer_control_down.": "brushnet_down_blocks.",
-               "layer_control_mid.": "brushnet_mid_block.", "layer_control_up.": "brushnet_up_blocks."}
-    sd = {}
-    for key, value in brush.state_dict().items():
-        prefix = next((p for p in renames if key.startswith(p)), None)
-        sd[renames[prefix] + key[len(prefix):] if prefix else key] = value.contiguous()
+    sd = brushnet_layout(brush.state_dict())
     brush_path = str(tmp / "brushnet.safetensors")
     save_file(sd, brush_path)
     g = torch.Generator().manual_seed(1)

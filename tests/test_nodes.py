@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness.comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module, sampling_options
+from harness.models import brushnet_layout
 from painternet_core.branch import PainterNetBranch
 from painternet_core.checkpoint import load_branch, save_branch
 from painternet_core.config import TINY_SD15_UNET, TINY_SDXL_UNET
@@ -241,12 +242,7 @@ def test_brushnet_checkpoint_loads_and_runs(tmp_path, source_format):
     ref = PainterNetBranch.from_unet(unet, cross_attention=cross, attention_control=False)
     for p in ref.parameters():
         p.data.normal_(0, 0.05)
-    renames = {"conv_in.": "conv_in_condition.", "layer_control_down.": "brushnet_down_blocks.",
-               "layer_control_mid.": "brushnet_mid_block.", "layer_control_up.": "brushnet_up_blocks."}
-    sd = {}
-    for key, value in ref.state_dict().items():
-        prefix = next((p for p in renames if key.startswith(p)), None)
-        sd[renames[prefix] + key[len(prefix):] if prefix else key] = value.contiguous()
+    sd = brushnet_layout(ref.state_dict())
     assert "conv_in_condition.weight" in sd and sd["conv_in_condition.weight"].shape[1] == 9
     assert any(k.startswith("brushnet_down_blocks.11.") for k in sd)
     assert any(".attentions." in k for k in sd) == cross
