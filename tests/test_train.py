@@ -363,3 +363,15 @@ def test_single_file_checkpoint_loads_the_same_weights_as_its_diffusers_folder(s
     pickled.write_bytes(b"not loaded")
     with pytest.raises(ValueError, match=r"\.ckpt file"):
         load_base_model(pickled)
+
+
+def test_documented_training_path_runs_the_trainer_cli():
+    """`python training/train.py` (the path the README and launch configs use) is the trainer's own command line:
+    the same flags, and a bad value is the same clean exit 2."""
+    script = os.path.join(REPO, "training", "train.py")
+    shown = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "--pretrained_model_name_or_path" in shown.stdout and "--caption_fallback" in shown.stdout
+    bad = subprocess.run([sys.executable, script, "--preset", "tiny-sd15", "--max_train_steps", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr[-2000:]
