@@ -10,29 +10,18 @@ import math
 from typing import Any
 
 from painternet_core import crop
+from painternet_core.errors import quote
+
+from .limits import interrupt_poll
 
 CATEGORY = "inpaint/PainterNet"
 MAX_SIDE = 8192
 MAX_PX = 4096
 MAX_CONTEXT = 16.0
-_QUOTE = 200
-
-
-def _quote(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _QUOTE else text[:_QUOTE] + "..."
-
-
 def _int_in(node: str, name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{node}: {name} must be an integer in {low}..{high}, got {_quote(value)}")
+        raise ValueError(f"{node}: {name} must be an integer in {low}..{high}, got {quote(value)}")
     return value
-
-
-def _interrupt_poll() -> Any:
-    import comfy.model_management
-
-    return comfy.model_management.throw_exception_if_processing_interrupted
 
 
 class PainterNetCrop:
@@ -93,7 +82,7 @@ class PainterNetCrop:
         context_min = _int_in(node, "context_min", context_min, 0, MAX_SIDE)
         if isinstance(context, bool) or not isinstance(context, (int, float)) or not (
                 math.isfinite(context) and 0.0 <= context <= MAX_CONTEXT):
-            raise ValueError(f"{node}: context must be a number in 0..{MAX_CONTEXT}, got {_quote(context)}")
+            raise ValueError(f"{node}: context must be a number in 0..{MAX_CONTEXT}, got {quote(context)}")
         if resolution == 0:
             config = getattr(painternet, "config", None)
             family = getattr(config, "family", None)
@@ -106,7 +95,7 @@ class PainterNetCrop:
                              "branch's size) or at least 64")
         try:
             return crop.crop_batch(image, mask, resolution, float(context), context_min, grow, feather,
-                                   check=_interrupt_poll())
+                                   check=interrupt_poll())
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from err
 
@@ -151,12 +140,12 @@ class PainterNetStitch:
         if not isinstance(stitch, crop.StitchInfo):
             raise ValueError(f"{node}: stitch must come from a PainterNetCrop node, got {type(stitch).__name__}")
         if blend not in crop.BLEND_MODES:
-            raise ValueError(f"{node}: unknown blend {_quote(blend)}; use one of {', '.join(crop.BLEND_MODES)}")
+            raise ValueError(f"{node}: unknown blend {quote(blend)}; use one of {', '.join(crop.BLEND_MODES)}")
         if color_match not in crop.COLOR_MATCH_MODES:
-            raise ValueError(f"{node}: unknown color_match {_quote(color_match)}; use one of "
+            raise ValueError(f"{node}: unknown color_match {quote(color_match)}; use one of "
                              f"{', '.join(crop.COLOR_MATCH_MODES)}")
         try:
-            return (crop.stitch_batch(stitch, image, blend, color_match, check=_interrupt_poll()),)
+            return (crop.stitch_batch(stitch, image, blend, color_match, check=interrupt_poll()),)
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from err
 
