@@ -1,5 +1,5 @@
 """Crop & stitch cost per image (painternet_core.crop), single thread, against one SD1.5 sampling step; and the
-README picture of the seams (a synthetic scene, not model output).
+Crop & stitch picture of the seams (docs/nodes.md) (a synthetic scene, not model output).
 
 Timing: for each image size a smooth synthetic scene with an elliptical hole of 1/8 of the short side at its centre
 (grow 8, feather 16, context 0.5, resolution 512, so big images are cropped down and small ones up); the "inpainted"
@@ -10,7 +10,7 @@ OpenCV and torch run on one thread. Median of `--repeats` runs after a warm-up.
 speed does not depend on the values) at 512² (64×64 latent) with batch 2, i.e. one cond+uncond sampling step, using
 all cores: the target is that stitching a 12-megapixel photo stays well under it.
 
-`--picture PATH` writes the README figure: the scene with the crop box and the hole, the crop the sampler sees, and
+`--picture PATH` writes the docs figure: the scene with the crop box and the hole, the crop the sampler sees, and
 the seam of hard paste / feather / laplacian / poisson, without and with mean_std colour match.
 
 Usage: python bench/crop_stitch.py [--sizes 1024x1024 4032x3024 4096x4096] [--repeats 5] [--sd15-step]
@@ -201,7 +201,7 @@ def main() -> None:
                         help="WIDTHxHEIGHT image sizes (default 1024x1024 4032x3024 4096x4096)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (default 5)")
     parser.add_argument("--sd15-step", action="store_true", help="also time one real-architecture SD1.5 step")
-    parser.add_argument("--picture", default="", help="write the README seam picture to this PNG path")
+    parser.add_argument("--picture", default="", help="write the seam picture (docs/crop_stitch.png) to this PNG path")
     args = parser.parse_args()
 
     if args.picture:

@@ -1,7 +1,7 @@
 """PainterNet with Kohya Deep Shrink (`PatchModelAddDownscale`): what the branch costs when the base is shrunk.
 
 Deep Shrink downscales the base's hidden state after an input block; the branch still runs at full size (its
-residuals are resized to the shrunk state, see README "Works with"), so the patched/base ratio grows where Deep
+residuals are resized to the shrunk state, see docs/compatibility.md), so the patched/base ratio grows where Deep
 Shrink makes the base cheaper. Four settings through ComfyUI's real sampler, timed interleaved after one untimed
 warm-up each: base, base + PainterNet, and both behind Deep Shrink (block 3, factor 2, over the whole sampling range,
 ComfyUI's defaults otherwise). Figure: median wall seconds of a `sample` call per step.

@@ -120,7 +120,7 @@ def setup_comfy(comfyui: str, device: str) -> Any:
     after it for painternet_core; the device is fixed before `comfy.model_management` is imported, which picks it
     once."""
     if not os.path.isfile(os.path.join(comfyui, "comfy", "model_management.py")):
-        raise SystemExit(f"no ComfyUI at {comfyui!r}: pass --comfyui or set COMFYUI_PATH (README, section GPU)")
+        raise SystemExit(f"no ComfyUI at {comfyui!r}: pass --comfyui or set COMFYUI_PATH (docs/gpu.md)")
     for path in (REPO, comfyui):
         if path not in sys.path:
             sys.path.insert(0, path)

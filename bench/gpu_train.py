@@ -20,7 +20,7 @@ the frozen token-embedding tables). Sections:
    channels_last) are re-measured on the same configuration;
 3. atal — time and peak memory with vs without ATAL (from the sweep), and one SD1.5-sized cross-attention map
    computed the explicit way (materialised softmax) vs the indicator-SDPA way: time, saved bytes, peak, max |diff|;
-4. smoke — ``accelerate launch --num_processes 1`` of ``train.py`` with the README's FSDP config and DeepSpeed ZeRO-2
+4. smoke — ``accelerate launch --num_processes 1`` of ``train.py`` with the FSDP config of docs/training.md and DeepSpeed ZeRO-2
    (when importable) on the tiny preset: a few steps with a checkpoint each, then a resume from the latest;
 5. sdxl — SDXL at 1024², batch 1, bf16, gradient checkpointing, ATAL, AdamW vs each 8-bit AdamW installed
    (bitsandbytes, torchao): peak memory and step time; the first step's time shows torchao's compilation.

@@ -13,7 +13,7 @@
 # (scripts/device_import_check.py; the machine's package list is $DEVICE_PACKAGES, by default the workplace's
 # KINDS.md), so a missing wheel shows up here rather than in a device call.
 # Usage: bash scripts/prepare_device.sh          (idempotent; run from any directory)
-# The device command that uses it is in the README, section "GPU".
+# The device command that uses it is in docs/gpu.md ("Inference").
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -12,7 +12,7 @@
 #   annotated-types, typing-inspection                    the ZeRO-2 smoke run
 # Set WITH_BNB=0 or WITH_DEEPSPEED=0 to leave those out (the bench then skips what needs them).
 #
-# Usage: bash scripts/prepare_device_train.sh        (then the device run in README "Training" > "GPU measurements")
+# Usage: bash scripts/prepare_device_train.sh        (then the device run in docs/gpu.md, "Training")
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

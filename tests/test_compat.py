@@ -1,4 +1,4 @@
-"""The compatibility matrix (README "Works with"): PainterNetApply next to ComfyUI's own model patches, samplers,
+"""The compatibility matrix (docs/compatibility.md): PainterNetApply next to ComfyUI's own model patches, samplers,
 guiders, LoRA, ControlNet, area conditioning and TorchCompileModel, in both graph orders, on a tiny SD15-detected
 model (real ComfyUI nodes, called in-process, 2 steps on a 16x16 latent).
 
