@@ -65,16 +65,76 @@ MAX_CROSS_ATTENTION_DIM = 8192
 MAX_EMBED_DIM = 16384
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-_MID_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
 SOURCE_FORMATS = ("painternet", "brushnet", "powerpaint-ca")
-# Topology keys the branch builders ignore or only accept at their stock value: anything else would make diffusers
-# build a network ComfyUI's rebuild does not have.
-_FIXED_VALUES: dict[str, tuple[Any, ...]] = {
-    "act_fn": ("silu",), "center_input_sample": (False,), "class_embed_type": (None,),
-    "dual_cross_attention": (False, None), "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
-    "num_class_embeds": (None,), "only_cross_attention": (False,), "resnet_time_scale_shift": ("default",),
-    "time_embedding_type": ("positional",), "addition_embed_type": (None, "text_time"),
+# What ComfyUI's UNet blocks (comfy/ldm/modules/diffusionmodules/openaimodel.py, util.py), from which the loader node
+# rebuilds the branch, can run: a value is (the values honoured, what ComfyUI hard-codes). diffusers builds any of the
+# others without complaint, so a trainer left to accept them would train a network the node does not run.
+_COMFY_FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "act_fn": (("silu",), "SiLU activations"),
+    "center_input_sample": ((False,), "no input centring"),
+    "class_embed_type": ((None,), "no class embedding"),
+    "dual_cross_attention": ((False, None), "one cross-attention"),
+    "encoder_hid_dim": ((None,), "no encoder projection"),
+    "encoder_hid_dim_type": ((None,), "no encoder projection"),
+    "num_class_embeds": ((None,), "no class embedding"),
+    "only_cross_attention": ((False,), "self- then cross-attention in every transformer block"),
+    "resnet_time_scale_shift": (("default",), "resnets that add the time embedding"),
+    "time_embedding_type": (("positional",), "a sinusoidal timestep embedding"),
+    "addition_embed_type": ((None, "text_time"), "SD1.5 or SDXL added conditioning"),
+    "norm_num_groups": ((32,), "GroupNorm(32) in every resnet and transformer"),
+    "norm_eps": ((1e-5,), "the resnets' GroupNorm eps 1e-5"),
+    "flip_sin_to_cos": ((True,), "a cos-first timestep embedding"),
+    "freq_shift": ((0,), "an unshifted timestep embedding"),
+    "downsample_padding": ((1,), "stride-2 downsampling convs padded by 1"),
+    "mid_block_scale_factor": ((1,), "mid-block resnets without an output scale"),
+    "upcast_attention": ((False, None), "attention in the compute dtype, no per-model upcast"),
+    "mid_block_type": (("UNetMidBlock2DCrossAttn",), "a resnet-transformer-resnet mid block"),
+    # diffusers options that a PainterNet config does not store (the trainer drops them), checked on the base UNet
+    # the trainer copies: anything but diffusers' default would leave the copy different from its base.
+    "conv_in_kernel": ((3,), "a 3x3 conv_in"),
+    "conv_out_kernel": ((3,), "a 3x3 conv_out"),
+    "time_embedding_dim": ((None,), "a time embedding 4x the first block's channels"),
+    "time_embedding_act_fn": ((None,), "no activation after the time embedding"),
+    "timestep_post_act": ((None,), "no activation inside the time embedding's output"),
+    "time_cond_proj_dim": ((None,), "no timestep-condition projection"),
+    "resnet_skip_time_act": ((False,), "resnets that activate the time embedding"),
+    "resnet_out_scale_factor": ((1,), "resnets without an output scale"),
+    "attention_type": (("default",), "plain cross-attention transformer blocks"),
+    "mid_block_only_cross_attention": ((None, False), "self- then cross-attention in the mid block"),
+    "cross_attention_norm": ((None,), "no norm on the cross-attention context"),
+    "class_embeddings_concat": ((False,), "no class embedding"),
+    "reverse_transformer_layers_per_block": ((None,), "up-block transformer depths mirroring the down blocks"),
 }
+
+
+def check_comfy_supported(unet_config: Mapping[str, Any]) -> None:
+    """Refuse, in one line naming the field, its value and what is supported, a UNet config value that ComfyUI's
+    rebuild of the branch would silently ignore.
+
+    Why one function for both ends: the loader runs it on a file's stored topology (through `validate_unet`) and the
+    trainer on the base UNet's full diffusers config before it copies anything (`PainterNetConfig.from_unet_config`),
+    so a branch that trains is a branch the node runs as trained. Head counts are checked too: ComfyUI's UNet takes
+    one head count for every block or one head size.
+    """
+    for key, (allowed, meaning) in _COMFY_FIXED.items():
+        if key in unet_config and not any(_same(unet_config[key], a) for a in allowed):
+            supported = " or ".join(json.dumps(a) for a in allowed)
+            raise ValueError(f"unet.{key}={quote(unet_config[key])} is not supported: ComfyUI's UNet blocks, from "
+                             f"which the PainterNet node rebuilds the branch, only run {key}={supported} ({meaning}); "
+                             "train from an SD1.5- or SDXL-style UNet that uses it")
+    channels, heads = unet_config.get("block_out_channels"), unet_config.get("num_attention_heads")
+    heads = heads if heads is not None else unet_config.get("attention_head_dim")
+    if isinstance(channels, (list, tuple)) and isinstance(heads, (list, tuple)) and len(heads) == len(channels) \
+            and len(set(heads)) > 1 and all(isinstance(v, int) and v > 0 for v in (*channels, *heads)) \
+            and len({c / h for c, h in zip(channels, heads)}) > 1:
+        raise ValueError(f"unet attention heads {quote(list(heads))} over block_out_channels {quote(list(channels))} "
+                         "are not supported: ComfyUI's UNet blocks, from which the PainterNet node rebuilds the branch, "
+                         "need one head count for every block or one head size (channels / heads) for every block")
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """Equal and of the same kind: True is not the integer 1 here, nor 0 the boolean False."""
+    return value == allowed and isinstance(value, bool) == isinstance(allowed, bool)
 
 
 def _int(value: Any, name: str, low: int, high: int) -> int:
@@ -118,10 +178,10 @@ def validate_unet(unet: Any) -> None:
                 "cross_attention_dim"):
         if key not in unet:
             raise ValueError(f"painternet_config unet has no {key!r}; the file is damaged")
-    for key, allowed in _FIXED_VALUES.items():
-        if key in unet and unet[key] not in allowed:
-            raise ValueError(f"painternet_config unet.{key}={quote(unet[key])} is not supported (expected one of "
-                             f"{list(allowed)}); PainterNet supports SD1.5- and SDXL-style UNets")
+    try:
+        check_comfy_supported(unet)
+    except ValueError as exc:
+        raise ValueError(f"painternet_config {exc}") from None
     channels = unet["block_out_channels"]
     if not isinstance(channels, (list, tuple)) or not 1 <= len(channels) <= MAX_BLOCKS:
         raise ValueError(f"painternet_config unet.block_out_channels={quote(channels)} must be a list of 1 to "
@@ -137,9 +197,6 @@ def validate_unet(unet: Any) -> None:
         types = unet[key]
         if not isinstance(types, (list, tuple)) or len(types) != n or any(t not in allowed for t in types):
             raise ValueError(f"painternet_config unet.{key}={quote(types)} must list {n} of {list(allowed)}")
-    if unet.get("mid_block_type", _MID_TYPES[0]) not in _MID_TYPES:
-        raise ValueError(f"painternet_config unet.mid_block_type={quote(unet['mid_block_type'])} must be one of "
-                         f"{list(_MID_TYPES)}")
     _ints(unet["layers_per_block"], "layers_per_block", n, 1, MAX_LAYERS_PER_BLOCK)
     _ints(unet.get("transformer_layers_per_block", 1), "transformer_layers_per_block", n, 1, MAX_TRANSFORMER_DEPTH)
     heads_key = "num_attention_heads" if unet.get("num_attention_heads") is not None else "attention_head_dim"
@@ -322,6 +379,7 @@ class PainterNetConfig:
 
     @classmethod
     def from_unet_config(cls, unet_config: Mapping[str, Any], **kwargs: Any) -> "PainterNetConfig":
+        check_comfy_supported(unet_config)
         topo = unet_topology(unet_config)
         topo["in_channels"] = 4
         return cls(family=infer_family(topo), unet=topo, **kwargs)

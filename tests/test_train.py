@@ -288,6 +288,29 @@ def test_export_runs_in_comfyui_like_in_the_trainer(sd15_run, tmp_path):
     assert (got - want).abs().max() <= 1e-5
 
 
+def test_export_rebuilt_by_comfyui_gives_the_trained_branchs_residuals(sd15_run):
+    """The tiny preset's export, rebuilt from ComfyUI's blocks by the loader node, gives every residual of the branch
+    the trainer trained (the diffusers reference) on the same input: the node runs the network that was trained."""
+    from harness.comfy_helpers import pack_module
+
+    out, result = sd15_run
+    painternet = pack_module("nodes.branch").load_painternet(str(out / "painternet.safetensors"), "fp32")
+    generator = torch.Generator().manual_seed(2)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    condition = torch.randn(2, 5, 8, 8, generator=generator)
+    context = torch.randn(2, 77, 32, generator=generator)
+    t = torch.tensor([999.0, 10.0])
+    with torch.no_grad():
+        want = result.branch.float()(sample, t, context, condition, None)
+        got = painternet.patcher.model(torch.cat([sample, condition], 1), t, context)
+    pairs = list(zip(want.down + [want.mid] + want.up + want.attention,
+                     got["down"] + [got["mid"]] + got["up"] + list(got["attention"].values())))
+    assert len(pairs) == 12 + 1 + 15 + 16
+    for reference, node in pairs:
+        assert reference.abs().max() > 1e-3  # trained control points: not a comparison of zeros
+        assert (reference - node).abs().max() <= 1e-5
+
+
 @pytest.mark.slow
 def test_two_process_ddp_run_keeps_the_lr_schedule_and_saves_every_rank(tmp_path):
     """`torchrun --nproc_per_node 2 training/trainer/train.py` (gloo on CPU): the script runs unchanged in data parallel, the

@@ -285,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     from painternet_core.atal import ATALRecorder, install_atal_processors
     from painternet_core.branch import PainterNetBranch
     from painternet_core.checkpoint import load_branch, save_branch
+    from painternet_core.config import check_comfy_supported
     from training.inference import load_base_model
     from training.trainer.checkpoints import (checkpoint_step, read_data_state, remove_stale, resolve_resume,
                                               save_checkpoint, write_data_state)
@@ -314,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
             save_tiny_pipeline(model_path, PRESETS[args.preset], seed=args.seed)
         accelerator.wait_for_everyone()
     base = load_base_model(model_path, args.single_file_config)
+    # Before anything is copied or trained (with --init_branch too): a base the node cannot rebuild is refused here.
+    check_comfy_supported(base.unet.config)
     resolution = args.resolution or DEFAULT_RESOLUTION["tiny" if args.preset else base.family]
 
     # ---- branch (the only trainable module) --------------------------------------------------------------------
