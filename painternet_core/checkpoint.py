@@ -21,8 +21,6 @@ from . import logger
 from .config import FORMAT_VERSION, SD15_UNET, SDXL_UNET, PainterNetConfig
 from .errors import quote
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pt2")
-
 _CONVERT_HINT = (
     "convert it once in a trusted environment with: python -c \"import torch, safetensors.torch as st; "
     "sd = torch.load('IN', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
@@ -92,6 +90,10 @@ def _not_safetensors(path: str, head: bytes, reason: str) -> ValueError:
                       "re-download or re-export it")
 
 
+class _TooManyTensors(Exception):
+    """Raised from inside the JSON parser; not a ValueError, so the parser's own errors cannot be mistaken for it."""
+
+
 def read_header(path: str) -> SafetensorsHeader:
     """Read and validate a safetensors header without touching the tensor data.
 
@@ -115,8 +117,22 @@ def read_header(path: str) -> SafetensorsHeader:
         raw = fh.read(n)
     if raw[:1] != b"{":
         raise _not_safetensors(path, head, "the header is not a JSON object")
+    objects = 0
+
+    def counted(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # Called as each JSON object closes: one per tensor entry, plus __metadata__ and the header itself, so a
+        # header listing too many tensors stops the parser there instead of being built whole.
+        nonlocal objects
+        objects += 1
+        if objects > MAX_TENSORS + 2:
+            raise _TooManyTensors
+        return dict(pairs)
+
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=counted)
+    except _TooManyTensors:
+        raise ValueError(f"{quote(path)} lists more than the {MAX_TENSORS} tensors any branch has; it is not a branch "
+                         "file") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"{quote(path)} has a corrupt safetensors header ({quote(str(exc))}); re-download or "
                          "re-export it") from None
@@ -128,7 +144,7 @@ def read_header(path: str) -> SafetensorsHeader:
         raise ValueError(f"{quote(path)} has malformed safetensors metadata ({quote(metadata)}): it must map strings "
                          "to strings; re-export the file")
     if len(header) > MAX_TENSORS:
-        raise ValueError(f"{quote(path)} lists {len(header)} tensors, more than the {MAX_TENSORS} any branch has; it "
+        raise ValueError(f"{quote(path)} lists more than the {MAX_TENSORS} tensors any branch has ({len(header)}); it "
                          "is not a branch file")
     tensors = {}
     data_size = size - 8 - n
@@ -174,11 +190,10 @@ def _read_tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _check_path(path: str) -> None:
+    """Only that the file exists: what it is comes from its bytes (`read_header`), never from its suffix, so a
+    safetensors file named `.bin` loads and a pickle named `.safetensors` is refused by its signature."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PainterNet checkpoint {quote(path)} does not exist; put it in models/painternet")
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        raise ValueError(f"{quote(os.path.basename(path))} is a pickle checkpoint, which is never loaded (it can run "
-                         f"code); {_CONVERT_HINT}")
 
 
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -72,8 +71,10 @@ def test_inpaint_workflow_saves_an_image(server):
 
 
 def test_pickle_branch_is_refused_with_conversion_hint(server):
-    bad = os.path.join(server.models("painternet"), "old.ckpt")
-    shutil.copy(os.path.join(server.models("painternet"), "tiny-sd15-branch.safetensors"), bad)
+    import torch
+
+    # A real pickle: the loader goes by content, so a safetensors file renamed .ckpt would load.
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, os.path.join(server.models("painternet"), "old.ckpt"))
     entry = server.run(inpaint_workflow(branch="old.ckpt", prefix="pickle"))
     assert entry["status"]["status_str"] == "error"
     assert "pickle" in error_text(entry) and "safetensors" in error_text(entry)

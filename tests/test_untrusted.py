@@ -106,13 +106,31 @@ def test_every_header_length_modulo_256_is_read(tmp_path):
             assert torch.equal(fh.get_tensor("w"), torch.full((3,), 1.5))
 
 
-def test_pickle_and_zip_are_refused_by_their_signatures(tmp_path):
-    torch.save({"w": torch.zeros(2)}, tmp_path / "zip.safetensors")
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".ckpt", ".pt", ""])
+def test_pickle_and_zip_are_refused_by_their_signatures_whatever_the_suffix(tmp_path, suffix):
+    torch.save({"w": torch.zeros(2)}, tmp_path / f"zip{suffix}")
     with pytest.raises(ValueError, match="is a zip .*never loaded"):
-        load_branch(str(tmp_path / "zip.safetensors"))
-    torch.save({"w": torch.zeros(2)}, tmp_path / "old.safetensors", _use_new_zipfile_serialization=False)
+        load_branch(str(tmp_path / f"zip{suffix}"))
+    torch.save({"w": torch.zeros(2)}, tmp_path / f"old{suffix}", _use_new_zipfile_serialization=False)
     with pytest.raises(ValueError, match="is a pickle .*never loaded"):
-        load_branch(str(tmp_path / "old.safetensors"))
+        load_branch(str(tmp_path / f"old{suffix}"))
+
+
+def test_safetensors_is_recognised_by_its_content_whatever_the_suffix(tiny_branch, tmp_path):
+    """A valid branch named like a pickle (`.bin`, as some hubs name safetensors files) loads, in core and through the
+    loader node, whose folder lists those suffixes."""
+    import shutil
+
+    from harness.comfy_helpers import pack_module
+
+    path, branch = tiny_branch
+    for name in ("branch.bin", "branch.ckpt", "branch.pt", "branch"):
+        shutil.copy(path, tmp_path / name)
+        state, config = load_branch(str(tmp_path / name))
+        assert config == branch.config
+        assert all(torch.equal(state[k], v) for k, v in branch.state_dict().items())
+    painternet = pack_module("nodes.branch").load_painternet(str(tmp_path / "branch.bin"), "fp32")
+    assert painternet.config == branch.config
 
 
 # ------------------------------------------------------------------------------ finding 6: malformed headers
@@ -147,7 +165,7 @@ def test_malformed_header_is_the_packs_value_error(tmp_path, case, header, messa
     assert len(str(refused.value)) < 4 * QUOTE_LIMIT + 400
 
 
-def test_oversized_header_and_tensor_count_are_refused_before_parsing(tmp_path):
+def test_oversized_header_is_refused_before_parsing_and_tensor_count_while_parsing(tmp_path):
     big = tmp_path / "big.safetensors"
     header = b'{"__metadata__": {"pad": "' + b"x" * (checkpoint.MAX_HEADER_BYTES + 10) + b'"}}'
     with open(big, "wb") as fh:
@@ -156,6 +174,13 @@ def test_oversized_header_and_tensor_count_are_refused_before_parsing(tmp_path):
         load_branch(str(big))
     many = tmp_path / "many.safetensors"
     write_safetensors(many, {f"t{i}": ("F32", [0], b"") for i in range(checkpoint.MAX_TENSORS + 1)})
+    with pytest.raises(ValueError, match=f"more than the {checkpoint.MAX_TENSORS}"):
+        load_branch(str(many))
+    # The count stops the parser: entries past the bound are never read, so the broken JSON at the end of this
+    # header is never reached (a parse of the whole header would report it as corrupt instead).
+    entries = b", ".join(b'"t%d": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}' % i
+                         for i in range(checkpoint.MAX_TENSORS + 3))
+    write_safetensors(many, header=b"{" + entries + b', "broken": [}')
     with pytest.raises(ValueError, match=f"more than the {checkpoint.MAX_TENSORS}"):
         load_branch(str(many))
 
