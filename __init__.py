@@ -3,14 +3,36 @@
 ComfyUI imports this file as a package and silently drops packs whose import fails, so it only registers the
 `painternet` model folder and collects the node classes; everything heavy is imported inside node functions.
 """
+import importlib.util
 import os
 import sys
 
 _PACK_DIR = os.path.dirname(os.path.abspath(__file__))
-# The core and the nodes import `painternet_core` by its absolute name, the same name the trainer and tests use,
-# so a checkpoint config object is one class wherever it was made.
-if _PACK_DIR not in sys.path:
-    sys.path.insert(0, _PACK_DIR)
+
+
+def _register_core() -> None:
+    """Make `painternet_core`, and nothing else of the pack, importable by its absolute name.
+
+    The core and the nodes import `painternet_core` by that name, the one the trainer and tests use, so a checkpoint
+    config object is one class wherever it was made. Why not the pack folder on `sys.path`: `training`, `tests`,
+    `bench`, `harness` and `scripts` would then shadow same-named modules for every pack loaded after this one. An
+    already imported `painternet_core` (the trainer's, a test's) is kept, so there is never a second copy.
+    """
+    if "painternet_core" in sys.modules:
+        return
+    folder = os.path.join(_PACK_DIR, "painternet_core")
+    spec = importlib.util.spec_from_file_location("painternet_core", os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["painternet_core"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["painternet_core"]
+        raise
+
+
+_register_core()
 
 import folder_paths  # noqa: E402  (ComfyUI's, present whenever ComfyUI loads us)
 
