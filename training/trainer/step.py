@@ -103,7 +103,10 @@ def compute_loss(
     with torch.no_grad():
         image01 = (pixels.float() + 1) / 2
         latents = vae_encoder(base.vae, True, generator)(image01).to(weight_dtype)
-        condition = prepare_condition(image01, mask, vae_encoder(base.vae, True, generator), config).to(weight_dtype)
+        # The node's untrusted-input checks are not run here: each is a device sync, and the data pipeline checks
+        # the samples it yields.
+        condition = prepare_condition(image01, mask, vae_encoder(base.vae, True, generator), config,
+                                      check_values=False).to(weight_dtype)
         noise = cpu_randn(latents.shape, generator, device, weight_dtype)
         scheduler = base.noise_scheduler
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator).to(device)
@@ -125,7 +128,8 @@ def compute_loss(
     with _maybe_record(recorder, text.token_mask):
         with autocast():
             residuals = branch(noisy, timesteps, text.hidden_states, condition, text.added_cond_kwargs)
-            with injected(base.unet, residuals, 1.0):
+        with injected(base.unet, residuals, 1.0):
+            with autocast():
                 pred = base.unet(noisy, timesteps, encoder_hidden_states=text.hidden_states,
                                  added_cond_kwargs=text.added_cond_kwargs).sample
                 l_diff = F.mse_loss(pred.float(), target, reduction="mean")
@@ -134,8 +138,10 @@ def compute_loss(
                 else:
                     l_atal = torch.zeros((), device=device)
                 loss = l_diff + beta * l_atal
-                if backward is not None:
-                    backward(loss)
+            # Outside autocast, as torch.amp asks: backward ops run in the dtype their forward chose (checkpointed
+            # blocks re-enter the autocast state they recorded), not in one the backward would pick.
+            if backward is not None:
+                backward(loss)
     return StepOutput(loss=loss, l_diff=l_diff.detach(), l_atal=l_atal.detach(),
                       l_atal_weighted=(beta * l_atal).detach(), prediction=pred.detach())
 
