@@ -46,7 +46,6 @@ import statistics
 import sys
 import time
 import traceback
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -153,27 +152,6 @@ def pack_module(name: str) -> Any:
     return importlib.import_module(f"{load_pack()}.{name}")
 
 
-# ------------------------------------------------------------------------------------------------- random weights
-
-def random_fill_(module: Any, seed: int, gain: float = 1.0) -> Any:
-    """Seeded fan-in Gaussian init of every weight (normalisation layers: weight 1, bias 0; other biases 0), generated
-    on the module's device: ComfyUI layers skip weight init, and a CPU generator would take minutes at full size."""
-    import torch
-
-    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-    with torch.no_grad():
-        for module_name, sub in module.named_modules():
-            for name, p in sub.named_parameters(recurse=False):
-                if isinstance(sub, norms) or p.ndim < 2:
-                    p.fill_(1.0 if isinstance(sub, norms) and name == "weight" else 0.0)
-                    continue
-                key = f"{module_name}.{name}".encode()
-                g = torch.Generator(device=p.device).manual_seed(seed * 1000003 + zlib.crc32(key))
-                noise = torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
-                p.copy_(noise * (gain / math.sqrt(p[0].numel())))
-    return module
-
-
 def family_topologies(dry_run: bool) -> dict[str, dict[str, Any]]:
     """Diffusers topologies: full size, or the tests' tiny ones. The tiny SDXL keeps SDXL's 2816-wide ADM input
     (1280 pooled + 6x256 size embeddings) so ComfyUI's SDXL conditioning fits it when sampling."""
@@ -207,11 +185,13 @@ def random_base_state_dict(family: str, unet: dict[str, Any], device: Any, seed:
     import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
+    from harness.models import fill_
+
     cfg = base_unet_config(family, unet)
     net = UNetModel(**cfg, dtype=torch.float32, device=device, operations=comfy.ops.disable_weight_init)
     if str(device) == "meta":
         return net.state_dict()
-    random_fill_(net, seed)
+    fill_(net, seed)
     sd = {k: v.detach().to("cpu") for k, v in net.state_dict().items()}
     del net
     return sd
@@ -224,16 +204,17 @@ def random_branch_state_dict(family: str, unet: dict[str, Any], device: Any, see
     import comfy.utils
     import torch
 
+    from harness.models import fill_
     from painternet_core.checkpoint import expected_keys
     from painternet_core.config import PainterNetConfig
 
     config = PainterNetConfig(family=family, unet=unet)
     branch = pack_module("nodes.branch").ComfyPainterNetBranch(config, dtype=torch.float32, device=device,
                                                                operations=comfy.ops.disable_weight_init)
-    random_fill_(branch.diffusion_model, seed)
+    fill_(branch.diffusion_model, seed)
     controls = (branch.layer_control_down, branch.layer_control_mid, branch.layer_control_up, branch.attention_control)
     for part in controls:
-        random_fill_(part, seed + 1, gain=CONTROL_GAIN)
+        fill_(part, seed + 1, gain=CONTROL_GAIN)
     # ComfyUI's map sends both diffusers spellings of SDXL's text_time embedding (class_/add_embedding) to label_emb:
     # keep the one the checkpoint format expects.
     expected = expected_keys(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from typing import Any
 
 import torch
@@ -15,6 +16,17 @@ import torch
 from harness import CACHE
 
 MODELS = os.path.join(CACHE, "test-models")
+# Bumped whenever the weights a name stands for change (2: init by module type; 1 zeroed ComfyUI's GroupNorms and its
+# UNets predicted exactly zero noise), so a cache written by an older harness is never read as the new weights.
+WEIGHTS_VERSION = 2
+
+NORM_TYPES = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.modules.batchnorm._NormBase)
+
+
+def cached_path(name: str) -> str:
+    """Where the test weights called `name` live: the file name carries WEIGHTS_VERSION."""
+    stem, ext = os.path.splitext(name)
+    return os.path.join(MODELS, f"{stem}.w{WEIGHTS_VERSION}{ext}")
 
 SD15_SMALL_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -35,17 +47,27 @@ SDXL_SMALL_UNET = {
 
 
 def fill_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
-    """Seeded fan-in init for every parameter (norm weights 1, biases 0)."""
-    g = torch.Generator().manual_seed(seed)
+    """Seeded init by module type: normalisation layers weight 1 / bias 0, every other bias 0, every other weight a
+    fan-in Gaussian scaled by `gain`; 0-d parameters (TAESD's latent scale/shift) keep their constructor values.
+
+    Why by type and not by name: ComfyUI names its GroupNorms `in_layers.0`, `out_layers.0`, `out.0`, and zeroing
+    those made every test UNet predict exactly zero noise. ComfyUI layers skip weight init, so every tensor is set
+    here. Each tensor has its own generator (seed + its name), created on the tensor's device: the result does not
+    depend on parameter order, and a full-size model fills on a GPU in seconds rather than minutes on a CPU generator.
+    """
     with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            if p.ndim == 0:  # TAESD's latent scale/shift keep their constructor values
-                continue
-            if p.ndim == 1:
-                p.fill_(1.0 if name.endswith("weight") and "norm" in name else 0.0)
-            else:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * (gain / math.sqrt(fan_in)))
+        for module_name, sub in module.named_modules():
+            is_norm = isinstance(sub, NORM_TYPES)
+            for name, p in sub.named_parameters(recurse=False):
+                if p.ndim == 0:
+                    continue
+                if is_norm or name == "bias":
+                    p.fill_(1.0 if is_norm and name == "weight" else 0.0)
+                    continue
+                key = f"{module_name}.{name}".encode()
+                g = torch.Generator(device=p.device).manual_seed(seed * 1000003 + zlib.crc32(key))
+                noise = torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+                p.copy_(noise * (gain / math.sqrt(p[0].numel())))
     return module
 
 
@@ -73,7 +95,7 @@ def _clip_l_sd(seed: int) -> dict[str, torch.Tensor]:
 
 def sd15_checkpoint() -> str:
     """An SD15-detected checkpoint (UNet + CLIP-L + TAESD) for the real-server workflows."""
-    path = os.path.join(MODELS, "tiny-sd15-320.safetensors")
+    path = cached_path("tiny-sd15-320.safetensors")
     if os.path.exists(path):
         return path
     import comfy.utils
@@ -115,7 +137,7 @@ def branch_file(family: str, name: str, seed: int = 5, gain: float = 0.3) -> str
     from painternet_core.checkpoint import save_branch
     from painternet_core.config import SD15_UNET, SDXL_UNET, PainterNetConfig
 
-    path = os.path.join(MODELS, name)
+    path = cached_path(name)
     if os.path.exists(path):
         return path
     unet = dict(SD15_UNET, block_out_channels=[320] * 4) if family == "sd15" else dict(
@@ -130,7 +152,7 @@ def branch_file(family: str, name: str, seed: int = 5, gain: float = 0.3) -> str
 def sd15_checkpoint_variant(name: str, seed: int) -> str:
     """Another SD15-detected checkpoint of the same topology with *different* weights (UNet, CLIP-L and TAESD seeded
     from `seed`), written as its own file: what a real checkpoint swap looks like to ComfyUI. Cached by name."""
-    path = os.path.join(MODELS, name)
+    path = cached_path(name)
     if os.path.exists(path):
         return path
     import comfy.utils

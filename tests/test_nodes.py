@@ -187,10 +187,10 @@ def test_apply_latent_keeps_the_unmasked_area_through_a_plain_sampler(tmp_path):
     from harness.models import MODELS, branch_file, load_checkpoint, sd15_checkpoint
 
     model, _, vae = load_checkpoint(sd15_checkpoint())
-    branch_file("sd15", "tiny-sd15-320-branch.safetensors")
+    branch_name = os.path.basename(branch_file("sd15", "tiny-sd15-320-branch.safetensors"))
     folder_paths.add_model_folder_path("painternet", MODELS)
     mappings = load_pack()
-    (painternet,) = mappings["PainterNetLoader"]().load("tiny-sd15-320-branch.safetensors", "fp32")
+    (painternet,) = mappings["PainterNetLoader"]().load(branch_name, "fp32")
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 8:40] = 1.0
