@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Mutation score of one module (docs/mutation.md):  bash scripts/mutation.sh painternet_core/config.py
+# Runs mutmut (pinned in requirements-dev.txt, configured in pyproject.toml) in .mutation/<module>/, a copy of the
+# sources and tests, so modules never share mutmut's cache and a rerun only retests functions that changed.
+# Prints the score and the surviving mutants (`mutmut show NAME` inside the work folder shows one).
+# MUTATION_CHILDREN sets mutmut's parallel workers (default 1; the run is niced).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+module="${1:?usage: scripts/mutation.sh painternet_core/config.py (a key of [tool.painternet.mutation] in pyproject.toml)}"
+py="${PYTHON:-$root/.venv/bin/python}"
+export COMFYUI_PATH="${COMFYUI_PATH:-$root/.cache/comfyui}"
+[ -f "$COMFYUI_PATH/comfy/model_management.py" ] || { echo "no ComfyUI at $COMFYUI_PATH: run scripts/bootstrap.sh or set COMFYUI_PATH" >&2; exit 2; }
+work="$root/.mutation/$(echo "${module%.py}" | tr / _)"
+
+"$py" - "$module" "$work" <<'EOF'
+"""Lay out the work folder: the sources, tests and a pyproject.toml whose [tool.mutmut] is the repository's with
+only this module mutated and only this module's tests selected."""
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+
+module, work = sys.argv[1], Path(sys.argv[2])
+data = tomllib.loads(Path("pyproject.toml").read_text())
+selection = data["tool"]["painternet"]["mutation"]
+if module not in selection:
+    sys.exit(f"no mutation test selection for {module!r}; pick one of {sorted(selection)} or add it to "
+             "[tool.painternet.mutation] in pyproject.toml")
+work.mkdir(parents=True, exist_ok=True)
+skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+for name in ("painternet_core", "nodes", "harness", "tests", "web"):
+    # copy2 keeps mtimes: mutmut regenerates the mutants of a file only when its source is newer than them.
+    shutil.copytree(name, work / name, ignore=skip, dirs_exist_ok=True)
+shutil.copy2("__init__.py", work / "__init__.py")
+
+
+def toml_value(value):
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+table = dict(data["tool"]["mutmut"], only_mutate=[module], pytest_add_cli_args_test_selection=selection[module])
+(work / "pyproject.toml").write_text("[tool.mutmut]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items()))
+EOF
+
+cd "$work"
+nice -n 19 "$root/.venv/bin/mutmut" run --max-children "${MUTATION_CHILDREN:-1}"
+"$root/.venv/bin/mutmut" export-cicd-stats >/dev/null
+"$py" - "$module" <<'EOF'
+"""Score = (killed + timed out) / all mutants; 'no tests' (no selected test reached the function) counts as survived."""
+import json
+import sys
+
+s = json.load(open("mutants/mutmut-cicd-stats.json"))
+caught = s["killed"] + s["timeout"]
+left = s["total"] - caught
+print(f"{sys.argv[1]}: {caught}/{s['total']} mutants killed = {100 * caught / max(s['total'], 1):.1f} % "
+      f"(survived {s['survived']}, no tests {s['no_tests']}, suspicious {s['suspicious']}, timeout {s['timeout']}, "
+      f"segfault {s['segfault']}, not checked {left - s['survived'] - s['no_tests'] - s['suspicious'] - s['segfault']})")
+EOF
+echo "survivors (inspect one with: cd $work && mutmut show NAME):"
+"$root/.venv/bin/mutmut" results
