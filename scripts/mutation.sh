@@ -3,7 +3,9 @@
 # Runs mutmut (pinned in requirements-dev.txt, configured in pyproject.toml) in .mutation/<module>/, a copy of the
 # sources and tests, so modules never share mutmut's cache and a rerun only retests functions that changed.
 # Prints the score and the surviving mutants (`mutmut show NAME` inside the work folder shows one).
-# MUTATION_CHILDREN sets mutmut's parallel workers (default 1; the run is niced).
+# mutmut keeps every verdict until the mutated function changes: after adding tests, MUTATION_RETEST=1 reruns the
+# mutants that were not killed; MUTATION_FRESH=1 starts from scratch (what a reproduction of the scores should use).
+# MUTATION_CHILDREN sets mutmut's parallel workers (default 2; the run is niced).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,6 +14,7 @@ py="${PYTHON:-$root/.venv/bin/python}"
 export COMFYUI_PATH="${COMFYUI_PATH:-$root/.cache/comfyui}"
 [ -f "$COMFYUI_PATH/comfy/model_management.py" ] || { echo "no ComfyUI at $COMFYUI_PATH: run scripts/bootstrap.sh or set COMFYUI_PATH" >&2; exit 2; }
 work="$root/.mutation/$(echo "${module%.py}" | tr / _)"
+[ "${MUTATION_FRESH:-0}" = 1 ] && rm -rf "$work"
 
 "$py" - "$module" "$work" <<'EOF'
 """Lay out the work folder: the sources, tests and a pyproject.toml whose [tool.mutmut] is the repository's with
@@ -48,7 +51,11 @@ table = dict(data["tool"]["mutmut"], only_mutate=[module], pytest_add_cli_args_t
 EOF
 
 cd "$work"
-nice -n 19 "$root/.venv/bin/mutmut" run --max-children "${MUTATION_CHILDREN:-1}"
+nice -n 19 "$root/.venv/bin/mutmut" run --max-children "${MUTATION_CHILDREN:-2}"
+if [ "${MUTATION_RETEST:-0}" = 1 ]; then
+  mapfile -t left < <("$root/.venv/bin/mutmut" results | sed -n 's/^ *\([^ ]*\): .*/\1/p')
+  [ "${#left[@]}" -eq 0 ] || nice -n 19 "$root/.venv/bin/mutmut" run --max-children "${MUTATION_CHILDREN:-2}" "${left[@]}"
+fi
 "$root/.venv/bin/mutmut" export-cicd-stats >/dev/null
 "$py" - "$module" <<'EOF'
 """Score = (killed + timed out) / all mutants; 'no tests' (no selected test reached the function) counts as survived."""

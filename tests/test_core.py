@@ -168,3 +168,81 @@ def test_crop_to_multiple_and_empty_mask():
     config = PainterNetConfig.from_unet_config(TINY_SD15_UNET)
     with pytest.raises(ValueError, match="mask is empty"):
         prepare_condition(torch.rand(1, 3, 16, 16), torch.zeros(1, 16, 16), lambda px: px, config)
+
+
+def test_crop_to_multiple_centres_each_axis_and_refuses_a_thin_image():
+    from painternet_core.conditioning import crop_to_multiple
+
+    image = torch.arange(46 * 70, dtype=torch.float32).reshape(1, 1, 46, 70)
+    cropped, m = crop_to_multiple(image, torch.ones(1, 1, 46, 70), 8)
+    # 6 spare rows and 6 spare columns: 3 cut from the top and 3 from the left.
+    assert cropped.shape[-2:] == (40, 64) and m.shape[-2:] == (40, 64)
+    assert torch.equal(cropped, image[..., 3:43, 3:67])
+    for h, w in ((4, 16), (16, 4)):
+        with pytest.raises(ValueError, match=rf"^image is {w}x{h} px; PainterNet needs at least 8x8 px$"):
+            crop_to_multiple(torch.zeros(1, 3, h, w), torch.zeros(1, 1, h, w), 8)
+
+
+def test_latent_mask_follows_the_checkpoint_resize_rule():
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :6, :6] = 1.0
+    area = PainterNetConfig.from_unet_config(TINY_SD15_UNET, mask_resize="area")
+    nearest = PainterNetConfig.from_unet_config(TINY_SD15_UNET, mask_resize="nearest")
+    # Latent cell (1,1) covers pixels 4..7: a quarter of it is hole. "area" averages, "nearest" samples pixel (4,4).
+    expected_area = torch.tensor([[1.0, 0.5, 0, 0], [0.5, 0.25, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert torch.equal(latent_mask(mask, (4, 4), area)[0, 0], expected_area)
+    assert torch.equal(latent_mask(mask, (4, 4), nearest)[0, 0], mask[0, 0, ::4, ::4])
+
+
+def test_prepare_condition_refuses_a_bad_image_and_an_empty_mask_with_the_fix():
+    config = PainterNetConfig.from_unet_config(TINY_SD15_UNET)
+    mask = torch.ones(1, 16, 16)
+    with pytest.raises(ValueError, match=r"^image has shape \(1, 4, 16, 16\); expected \(B,3,H,W\)$"):
+        prepare_condition(torch.rand(1, 4, 16, 16), mask, lambda px: px, config)
+    with pytest.raises(ValueError, match="^image contains NaN or infinite values; fix the node that produced it$"):
+        prepare_condition(torch.full((1, 3, 16, 16), float("inf")), mask, lambda px: px, config)
+    with pytest.raises(ValueError, match=r"^mask is empty: nothing to inpaint\. Paint the region to generate in "
+                                         r"white \(mask = 1\)$"):
+        prepare_condition(torch.rand(1, 3, 16, 16), torch.zeros(1, 16, 16), lambda px: px, config)
+
+
+def test_normalize_mask_layouts_batches_and_threshold():
+    mask = torch.zeros(2, 1, 8, 12)
+    mask[0, 0, 1, 2] = 0.5  # exactly at the threshold: stays known
+    mask[1, 0, 3, 4] = 0.51
+    out = normalize_mask(mask, 8, 12, 2)
+    assert out.shape == (2, 1, 8, 12)
+    assert out.sum() == 1 and out[1, 0, 3, 4] == 1
+    assert torch.equal(normalize_mask(mask[:, 0], 8, 12, 2), out)
+    with pytest.raises(ValueError, match=r"^mask has shape \(1, 2, 8, 12\); expected \(H,W\), \(B,H,W\) or "
+                                         r"\(B,1,H,W\)$"):
+        normalize_mask(torch.zeros(1, 2, 8, 12), 8, 12, 1)
+    with pytest.raises(ValueError, match=r"^mask batch 3 does not match image batch 2; give one mask or one per "
+                                         r"image$"):
+        normalize_mask(torch.zeros(3, 8, 12), 8, 12, 2)
+    with pytest.raises(ValueError, match="^mask contains NaN or infinite values; fix the node that produced it$"):
+        normalize_mask(torch.full((8, 12), float("inf")), 8, 12, 1)
+
+
+@pytest.mark.parametrize("mask_hw,image_hw", [((8, 5), (5, 4)), ((5, 8), (4, 5)), ((5, 4), (8, 5)), ((4, 5), (5, 8)),
+                                              ((12, 10), (6, 6))])
+def test_normalize_mask_resizes_within_one_largest_side_of_aspect_error(mask_hw, image_hw):
+    # The aspect check tolerates |mh*W - mw*H| up to the largest of the four sides (rounding of a resized preview).
+    out = normalize_mask(torch.ones(mask_hw), *image_hw, 1)
+    assert out.shape == (1, 1, *image_hw) and out.eq(1).all()
+
+
+def test_normalize_mask_refuses_another_aspect_with_both_sizes():
+    with pytest.raises(ValueError, match=r"^mask is 12x8 but the image is 8x8 \(different aspect ratio\); resize or "
+                                         r"crop the mask to the image first$"):
+        normalize_mask(torch.zeros(8, 12), 8, 8, 1)
+
+
+def test_prepare_condition_gives_the_mask_channel_the_latent_dtype():
+    config = PainterNetConfig.from_unet_config(TINY_SD15_UNET)
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 4:12, 4:12] = 1.0
+    cond = prepare_condition(torch.rand(1, 3, 16, 16), mask, lambda px: px[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4]
+                             .half(), config)
+    assert cond.dtype == torch.float16 and cond.shape == (1, 5, 2, 2)
+    assert torch.equal(cond[0, 4], torch.full((2, 2), 0.25, dtype=torch.float16))
