@@ -34,7 +34,8 @@ class PainterNetCrop:
     OUTPUT_TOOLTIPS = (
         "The crops, resized so their area is about resolution² (aspect kept, sides multiples of 8): feed them to "
         "Apply PainterNet.",
-        "The grown hole in each crop, binary (1 = generate).",
+        "The grown hole in each crop (1 = generate); a soft (feathered) mask keeps its soft edge outside the "
+        "hole, for Apply PainterNet's noise_mask and Differential Diffusion.",
         "What PainterNet Stitch needs to put the inpainted crops back into the original images.")
     DESCRIPTION = ("Inpaint a large photo at the branch's training size: cuts the (grown) hole plus surrounding "
                    "context out of each image and resizes it to about 512² (SD1.5) or 1024² (SDXL). Sample the crop, "
@@ -47,7 +48,9 @@ class PainterNetCrop:
             "required": {
                 "image": ("IMAGE", {"tooltip": "The full-size image(s) to inpaint."}),
                 "mask": ("MASK", {"tooltip": "White (1) = region to generate, at the image's size; one mask for all "
-                                             "images or one per image (binarised at 0.5)."}),
+                                             "images or one per image. The hole is where it is above 0.5; a soft "
+                                             "edge is kept for the sampler and widens Stitch's feather band (never "
+                                             "past grow + feather)."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": MAX_SIDE, "step": 8,
                                        "tooltip": "Side of the square whose area the crop is resized to. 0 = the "
                                                   "branch's training size (512 SD1.5, 1024 SDXL; needs painternet)."}),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from painternet_core.conditioning import NOISE_MASK_MODES
+
 CATEGORY = "inpaint/PainterNet"
 
 
@@ -50,7 +52,8 @@ class PainterNetApply:
             "vae": ("VAE", {"tooltip": "The VAE that encodes the image and the masked image."}),
             "image": ("IMAGE", {"tooltip": "The image to inpaint. Cropped to a multiple of 8 pixels if needed."}),
             "mask": ("MASK", {"tooltip": "White (1) = region to generate. Resized to the image if the aspect ratio "
-                                         "matches; binarised at 0.5."}),
+                                         "matches. The branch sees it binarised at 0.5 (the hole it was trained "
+                                         "on); the latent's noise_mask keeps its soft values (see noise_mask)."}),
             "painternet": ("PAINTERNET", {"tooltip": "Branch from PainterNetLoader."}),
             "positive": ("CONDITIONING", {"tooltip": "Passed through; describe the masked region (local prompt)."}),
             "negative": ("CONDITIONING", {"tooltip": "Passed through."}),
@@ -61,32 +64,41 @@ class PainterNetApply:
                                         "tooltip": "Sampling progress at which the branch starts acting."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                       "tooltip": "Sampling progress after which the branch stops (and is not run)."}),
+        }, "optional": {
+            "noise_mask": (list(NOISE_MASK_MODES), {
+                "default": "soft",
+                "tooltip": "The mask put in the output latent's noise_mask (what the sampler and Differential "
+                           "Diffusion read). soft: the mask as drawn, values in [0, 1] kept, so a feathered mask "
+                           "gives Differential Diffusion a graded edge. binary: the hole the branch sees (0.5 "
+                           "threshold). The branch always gets the binary hole."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT")
     RETURN_NAMES = ("model", "positive", "negative", "latent")
     OUTPUT_TOOLTIPS = ("The model with the branch attached (the input model is left untouched).",
                        "Positive conditioning, unchanged.", "Negative conditioning, unchanged.",
-                       "The encoded image with noise_mask: sample it with denoise 1.0 to keep the unmasked area.")
+                       "The encoded image with noise_mask (the mask as drawn, or the binary hole: see noise_mask): "
+                       "sample it with denoise 1.0 to keep the unmasked area.")
     FUNCTION = "apply"
     CATEGORY = CATEGORY
     DESCRIPTION = "Patches a PainterNet branch into the model's UNet and prepares the inpainting latent."
 
     def apply(self, model: Any, vae: Any, image: Any, mask: Any, painternet: Any, positive: Any, negative: Any,
-              scale: float, start_percent: float, end_percent: float) -> tuple[Any, Any, Any, dict[str, Any]]:
-        from painternet_core.conditioning import crop_to_multiple, normalize_mask, prepare_condition
+              scale: float, start_percent: float, end_percent: float,
+              noise_mask: str = "soft") -> tuple[Any, Any, Any, dict[str, Any]]:
+        from painternet_core.conditioning import inpaint_inputs, prepare_condition
 
         from .branch import check_base
         from .injection import apply_painternet
         from .limits import check_inputs
 
-        check_inputs(PainterNetApply, {"scale": scale, "start_percent": start_percent, "end_percent": end_percent})
+        check_inputs(PainterNetApply, {"scale": scale, "start_percent": start_percent, "end_percent": end_percent,
+                                       "noise_mask": noise_mask})
         check_base(model, painternet.config)
-        if image.ndim != 4 or image.shape[-1] < 3:
-            raise ValueError(f"image has shape {tuple(image.shape)}; expected an IMAGE (B,H,W,3)")
-        pixels = image[..., :3].movedim(-1, 1)
-        pixels, m = crop_to_multiple(pixels, normalize_mask(mask, pixels.shape[2], pixels.shape[3], pixels.shape[0]),
-                                     vae.downscale_ratio)
+        try:
+            pixels, m, sampler_mask = inpaint_inputs(image, mask, vae.downscale_ratio, noise_mask)
+        except ValueError as err:
+            raise ValueError(f"PainterNetApply: {err}") from err
         latent_format = model.get_model_object("latent_format")
 
         def encode(px: Any) -> Any:
@@ -94,7 +106,7 @@ class PainterNetApply:
 
         condition = prepare_condition(pixels, m, encode, painternet.config)
         patched = apply_painternet(model, painternet, condition.cpu(), scale, start_percent, end_percent)
-        latent = {"samples": vae.encode(pixels.movedim(1, -1)), "noise_mask": m}
+        latent = {"samples": vae.encode(pixels.movedim(1, -1)), "noise_mask": sampler_mask}
         return patched, positive, negative, latent
 
 

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from .conditioning import MASK_THRESHOLD
+from .conditioning import MASK_THRESHOLD, check_image
 
 logger = logging.getLogger("painternet")
 
@@ -36,6 +36,19 @@ RING_MIN_PIXELS = 16
 # The std ratio of the colour transfer is clamped: a flat ring (sky, wall) must not blow the hole's contrast up.
 STD_RATIO_RANGE = (0.5, 2.0)
 MAX_LAPLACIAN_LEVELS = 6
+# OpenCV's seamlessClone keeps about a dozen float32 RGB planes of the hole's bounding box (gradients, Laplacians,
+# the per-channel solve) beside the 8-bit copies: the stitch's peak rise measured ~200 bytes per pixel of the hole's
+# box (a 2000² hole covering its image: 764 MB, 16.7 image copies). The poisson blend is refused above this budget
+# rather than left to fail inside OpenCV (a raw cv2.error, or the OOM killer).
+POISSON_BYTES_PER_PIXEL = 200
+# In a soft mask's crop, the pixels `grow` added to the hole get this value: just above the threshold, so Apply's
+# branch regenerates them (its hole is the grown hole, as for a binary mask) while Differential Diffusion treats
+# them as the middle of the edge; the mask's own values are kept everywhere else.
+GROWN_SOFT_LEVEL = MASK_THRESHOLD + 1.0 / 255.0
+# A soft mask value that shows in an 8-bit mask: a Gaussian blur's far tail (1e-7) is not an edge worth a warning.
+SOFT_VISIBLE = 1.0 / 255.0
+POISSON_MAX_BYTES = 4 << 30
+POISSON_MAX_PIXELS = POISSON_MAX_BYTES // POISSON_BYTES_PER_PIXEL
 
 
 @dataclass(frozen=True)
@@ -65,13 +78,16 @@ class StitchInfo:
     """What `stitch_batch` needs to put crops back (the PAINTERNET_STITCH value): plain tensors and ints.
 
     `image` is the original batch (a reference, not a copy); `boxes[i]` the crop box of item i; `holes[i]` its grown
-    hole (bool, box-sized, False in the padded part); `crop_size` the (width, height) every crop was resized to."""
+    hole (bool, box-sized, False in the padded part); `crop_size` the (width, height) every crop was resized to;
+    `soft[i]` the user's mask over the box (float32, 0 in the padded part) when any mask had values strictly between
+    0 and 1, else empty (a binary mask adds nothing to the hole)."""
 
     image: torch.Tensor
     boxes: tuple[Box, ...]
     holes: tuple[torch.Tensor, ...]
     crop_size: tuple[int, int]
     feather: int
+    soft: tuple[torch.Tensor, ...] = ()
 
 
 def hole_box(hole: np.ndarray) -> Box | None:
@@ -192,7 +208,8 @@ def _all_finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(np.sum(values, dtype=np.float64)))
 
 
-def _binary_masks(mask: torch.Tensor, batch: int, height: int, width: int) -> np.ndarray:
+def _masks(mask: torch.Tensor, batch: int, height: int, width: int) -> np.ndarray:
+    """The MASK as float32 (N, H, W), N = 1 or batch, values clamped to [0, 1]; shape and values checked."""
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3:
@@ -206,14 +223,12 @@ def _binary_masks(mask: torch.Tensor, batch: int, height: int, width: int) -> np
     m = mask.detach().to("cpu", torch.float32).numpy()
     if not _all_finite(m):
         raise ValueError("mask contains NaN or infinite values; fix the node that produced it")
-    return m > MASK_THRESHOLD
+    return np.clip(m, 0.0, 1.0)
 
 
 def _image_array(image: torch.Tensor) -> np.ndarray:
     """The IMAGE as a float32 numpy view (no copy when it already is one); values are checked where they are used."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
-        found = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"image must be an IMAGE tensor (B, H, W, 3), got {found}; connect an image output")
+    check_image(image)
     return image.detach().to("cpu", torch.float32).numpy()
 
 
@@ -227,9 +242,13 @@ def crop_batch(image: torch.Tensor, mask: torch.Tensor, resolution: int, context
                check: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, StitchInfo]:
     """Crop every item around its grown hole and resize the crops to one common size.
 
-    `mask` is one MASK for all images or one per image. Items whose boxes differ get their own boxes, all widened to
-    the aspect of the largest one so one crop size keeps every aspect. Returns the crops (B, h, w, 3), their binary
-    grown holes (B, h, w) and the StitchInfo. `check` is called between items (ComfyUI's interrupt poll).
+    `mask` is one MASK for all images or one per image; the hole is where it is above 0.5. Items whose boxes differ
+    get their own boxes, all widened to the aspect of the largest one so one crop size keeps every aspect. Returns
+    the crops (B, h, w, 3), their masks (B, h, w) and the StitchInfo. A binary mask's crop mask is its grown hole
+    (1). A soft mask's crop mask is the mask as drawn, resized like the crop, with the ring `grow` added raised to
+    GROWN_SOFT_LEVEL: above 0.5 is the same grown hole as for the binary mask (what Apply's branch gets), and
+    Apply's noise mask and Differential Diffusion see the edge the user drew. `check` is called between items
+    (ComfyUI's interrupt poll).
     """
     if resolution < 8:
         raise ValueError(f"resolution {resolution} is below 8 px; use the branch's training size (512 SD1.5, "
@@ -239,7 +258,9 @@ def crop_batch(image: torch.Tensor, mask: torch.Tensor, resolution: int, context
                          "not be negative")
     pixels = _image_array(image)
     batch, height, width = pixels.shape[:3]
-    holes = _binary_masks(mask, batch, height, width)
+    masks = _masks(mask, batch, height, width)
+    holes = masks > MASK_THRESHOLD
+    is_soft = bool(((masks > 0.0) & (masks < 1.0)).any())
     grown, hole_boxes = [], []
     for i, hole in enumerate(holes):
         if check is not None:
@@ -265,7 +286,7 @@ def crop_batch(image: torch.Tensor, mask: torch.Tensor, resolution: int, context
     size = crop_size(aspect, resolution)
     crops = np.empty((batch, size[1], size[0], 3), np.float32)
     crop_holes = np.empty((batch, size[1], size[0]), np.float32)
-    box_holes = []
+    box_holes, box_soft = [], []
     for i in range(batch):
         if check is not None:
             check()
@@ -278,8 +299,14 @@ def crop_batch(image: torch.Tensor, mask: torch.Tensor, resolution: int, context
         local[brows, bcols] = grown[i][rows, cols]
         crop_holes[i] = _resize_hole(local, size)
         box_holes.append(torch.from_numpy(local))
+        if is_soft:
+            soft = np.zeros((box.height, box.width), np.float32)
+            soft[brows, bcols] = masks[i if masks.shape[0] > 1 else 0][rows, cols]
+            crop_holes[i] = np.maximum(np.clip(_resize(soft, size), 0.0, 1.0), crop_holes[i] * GROWN_SOFT_LEVEL)
+            box_soft.append(torch.from_numpy(soft))
     logger.debug("PainterNetCrop: %d item(s), boxes %s -> %dx%d", batch, boxes, *size)
-    info = StitchInfo(image=image, boxes=tuple(boxes), holes=tuple(box_holes), crop_size=size, feather=int(feather))
+    info = StitchInfo(image=image, boxes=tuple(boxes), holes=tuple(box_holes), crop_size=size, feather=int(feather),
+                      soft=tuple(box_soft))
     return torch.from_numpy(crops), torch.from_numpy(crop_holes), info
 
 
@@ -360,16 +387,41 @@ def _to_u8(image: np.ndarray) -> np.ndarray:
     return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _clone_mask(hole: np.ndarray) -> np.ndarray:
+    """The hole seamlessClone is given: grown by 1 px when it is thinner than 3 px (OpenCV's solve needs an inside)."""
+    box = hole_box(hole)
+    if box is not None and min(box.width, box.height) < 3:
+        return grow_hole(hole, 1)
+    return hole
+
+
+def check_poisson_size(hole: np.ndarray, what: str = "the hole") -> None:
+    """Refuse a poisson blend whose hole's bounding box would need more than POISSON_MAX_BYTES (ValueError naming
+    the size, the budget and the alternatives), before any of that memory is spent."""
+    box = hole_box(_clone_mask(hole))
+    if box is not None and box.width * box.height > POISSON_MAX_PIXELS:
+        need = box.width * box.height * POISSON_BYTES_PER_PIXEL / 2**30
+        raise ValueError(f"blend poisson on {what} ({box.width}x{box.height} px box) would need about {need:.1f} GiB "
+                         f"(limit {POISSON_MAX_BYTES / 2**30:.0f} GiB, {POISSON_MAX_PIXELS} px); use blend feather "
+                         "or laplacian for a hole this large, or crop the image closer to the hole")
+
+
 def poisson_correction(inpainted: np.ndarray, target: np.ndarray, hole: np.ndarray) -> np.ndarray:
     """The smooth (harmonic) correction that OpenCV's `seamlessClone` (Pérez et al. 2003, normal clone) adds to the
     inpainted pixels so the hole meets `target` at its boundary while keeping its own gradients; returned as a float
     image so it can be added to the full-precision crop. At the image border (hole touching it) the boundary value
-    is the inpainted pixel itself, so nothing is pulled towards pixels that do not exist."""
+    is the inpainted pixel itself, so nothing is pulled towards pixels that do not exist.
+
+    OpenCV solves only over the clone mask's bounding box, so only that box is copied (not the whole crop box, which
+    holds the context as well); the result is 0 outside it."""
     pad = 2
-    clone_mask = hole
-    box = hole_box(hole)
-    if box is not None and min(box.width, box.height) < 3:
-        clone_mask = grow_hole(hole, 1)
+    clone_mask = _clone_mask(hole)
+    out = np.zeros(inpainted.shape, np.float32)
+    box = hole_box(clone_mask)
+    if box is None:
+        return out
+    rows, cols = slice(box.y0, box.y1), slice(box.x0, box.x1)
+    inpainted, target, clone_mask = inpainted[rows, cols], target[rows, cols], clone_mask[rows, cols]
     src = cv2.copyMakeBorder(_to_u8(inpainted), pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
     dst = src.copy()
     dst[pad:-pad, pad:-pad] = _to_u8(target)
@@ -377,20 +429,34 @@ def poisson_correction(inpainted: np.ndarray, target: np.ndarray, hole: np.ndarr
     mask[pad:-pad, pad:-pad] = clone_mask.astype(np.uint8) * 255
     x, y, w, h = cv2.boundingRect(mask)
     cloned = cv2.seamlessClone(src, dst, mask, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
-    diff = cloned.astype(np.float32) - src.astype(np.float32)
-    return diff[pad:-pad, pad:-pad] / 255.0
-
-
-def stitch_item(original: np.ndarray, crop: np.ndarray, box: Box, hole: np.ndarray, feather: int, blend: str,
-                color_match: str) -> np.ndarray:
-    """Put one inpainted crop back into a copy of its (H, W, C) original (see `stitch_into`)."""
-    out = original.copy()
-    stitch_into(out, crop, box, hole, feather, blend, color_match)
+    del dst, mask
+    correction = out[rows, cols]
+    np.subtract(cloned[pad:-pad, pad:-pad], src[pad:-pad, pad:-pad], out=correction, dtype=np.float32)
+    correction /= 255.0
     return out
 
 
+def stitch_item(original: np.ndarray, crop: np.ndarray, box: Box, hole: np.ndarray, feather: int, blend: str,
+                color_match: str, soft: np.ndarray | None = None) -> np.ndarray:
+    """Put one inpainted crop back into a copy of its (H, W, C) original (see `stitch_into`)."""
+    out = original.copy()
+    stitch_into(out, crop, box, hole, feather, blend, color_match, soft)
+    return out
+
+
+def soft_weights(weights: np.ndarray, soft: np.ndarray) -> np.ndarray:
+    """The feather band raised to a soft mask's edge: max(linear ramp, mask) wherever the ramp is above 0, so the
+    crop is mixed in as far as the sampler (Differential Diffusion) changed it; 0 beyond grow + feather whatever the
+    mask says (the exactness rule), with a warning when the mask's soft edge reaches past that."""
+    band = weights > 0.0
+    if bool((soft[~band] >= SOFT_VISIBLE).any()):
+        logger.warning("PainterNetStitch: the mask's soft edge reaches past grow + feather; it is cut there (pixels "
+                       "outside the band are never changed). Raise feather to cover the mask's feathering")
+    return np.where(band, np.maximum(weights, soft), np.float32(0.0)).astype(np.float32)
+
+
 def stitch_into(original: np.ndarray, crop: np.ndarray, box: Box, hole: np.ndarray, feather: int, blend: str,
-                color_match: str) -> None:
+                color_match: str, soft: np.ndarray | None = None) -> None:
     """Put one inpainted crop back into its (H, W, C) original, in place.
 
     Only pixels inside the grown hole or its feather band are written; every other pixel is the original's, bit for
@@ -398,7 +464,10 @@ def stitch_into(original: np.ndarray, crop: np.ndarray, box: Box, hole: np.ndarr
     feather 0); inside the hole it is the crop exactly. laplacian: a multi-band blend whose weights rise from 0 at
     the hole's edge to 1 at `feather` + 1 px inside (nothing outside the hole changes). poisson: the hole cloned
     into the original by a Poisson solve (OpenCV seamlessClone): its gradients kept, its colours pulled to meet the
-    original at the hole's edge (nothing outside the hole changes; the band is not needed)."""
+    original at the hole's edge (nothing outside the hole changes; the band is not needed).
+
+    `soft` (box-sized, the user's soft mask) raises the feather band to the mask's edge where that is higher
+    (`soft_weights`); laplacian and poisson change only the hole, which a soft edge outside it does not affect."""
     if blend not in BLEND_MODES:
         raise ValueError(f"unknown blend {blend[:200]!r}; use one of {', '.join(BLEND_MODES)}")
     if color_match not in COLOR_MATCH_MODES:
@@ -410,16 +479,19 @@ def stitch_into(original: np.ndarray, crop: np.ndarray, box: Box, hole: np.ndarr
     hole = hole[brows, bcols]
     if color_match == "mean_std":
         inpainted = match_color(inpainted, region, hole, feather)
+    target = original[rows, cols, :3]
+    if blend == "poisson":
+        correction = poisson_correction(inpainted, region, hole)
+        target[hole] = np.clip(inpainted[hole] + correction[hole], 0.0, 1.0)
+        return
     weights = blend_weights(hole, feather, inward=blend == "laplacian")
+    if soft is not None and blend == "feather":
+        weights = soft_weights(weights, soft[brows, bcols])
     support = weights > 0.0
     if blend == "laplacian":
         result = laplacian_blend(inpainted, region, weights, _laplacian_levels(*hole.shape, feather))
-    elif blend == "poisson":
-        support = hole
-        result = inpainted + poisson_correction(inpainted, region, hole)
     else:
         result = region + weights[..., None] * (inpainted - region)
-    target = original[rows, cols, :3]
     target[support] = np.clip(result[support], 0.0, 1.0)
 
 
@@ -437,11 +509,15 @@ def stitch_batch(info: StitchInfo, image: torch.Tensor, blend: str, color_match:
         raise ValueError(f"image is {size[0]}x{size[1]} but this stitch's crops are {info.crop_size[0]}x"
                          f"{info.crop_size[1]}; connect the stitch output of the PainterNetCrop whose image was "
                          "inpainted")
+    if blend == "poisson":
+        for i, hole in enumerate(info.holes):
+            check_poisson_size(hole.numpy(), "the hole" if batch == 1 else f"the hole of item {i}")
     out = info.image.detach().to("cpu", torch.float32, copy=True).contiguous()
     pixels = out.numpy()
     for i in range(batch):
         if check is not None:
             check()
-        stitch_into(pixels[i], crops[i], info.boxes[i], info.holes[i].numpy(), info.feather, blend, color_match)
+        soft = info.soft[i].numpy() if info.soft else None
+        stitch_into(pixels[i], crops[i], info.boxes[i], info.holes[i].numpy(), info.feather, blend, color_match, soft)
     return out
 

@@ -246,3 +246,34 @@ def test_prepare_condition_gives_the_mask_channel_the_latent_dtype():
                              .half(), config)
     assert cond.dtype == torch.float16 and cond.shape == (1, 5, 2, 2)
     assert torch.equal(cond[0, 4], torch.full((2, 2), 0.25, dtype=torch.float16))
+
+
+def test_inpaint_inputs_keep_the_soft_mask_for_the_sampler_and_binarise_the_hole():
+    from painternet_core.conditioning import inpaint_inputs
+
+    image = torch.rand(2, 20, 27, 3)
+    mask = torch.linspace(-0.5, 1.5, 20 * 27).reshape(1, 20, 27)
+    pixels, hole, noise = inpaint_inputs(image, mask, 8, "soft")
+    expected = mask.clamp(0, 1)[:, 2:18, 1:25].expand(2, 16, 24)  # centre crop to multiples of 8, batch broadcast
+    assert pixels.shape == (2, 3, 16, 24) and torch.equal(pixels, image[:, 2:18, 1:25].movedim(-1, 1))
+    assert torch.equal(noise[:, 0], expected)
+    assert torch.equal(hole[:, 0], (expected > 0.5).float())
+    assert ((noise > 0) & (noise < 1)).any()
+    _, hole_b, noise_b = inpaint_inputs(image, mask, 8, "binary")
+    assert torch.equal(noise_b, hole) and torch.equal(hole_b, hole)
+    with pytest.raises(ValueError, match="noise_mask 'fuzzy' is not one of soft, binary"):
+        inpaint_inputs(image, mask, 8, "fuzzy")
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((0, 16, 16, 3), "image batch is empty"),
+    ((1, 0, 16, 3), "image batch is empty"),
+    ((1, 16, 16, 5), "image has 5 channels"),
+    ((1, 16, 16, 2), "image has 2 channels"),
+    ((16, 16, 3), "must be an IMAGE tensor"),
+])
+def test_inpaint_inputs_refuse_empty_and_odd_channel_images(shape, message):
+    from painternet_core.conditioning import inpaint_inputs
+
+    with pytest.raises(ValueError, match=message):
+        inpaint_inputs(torch.zeros(shape), torch.ones(1, 16, 16), 8)

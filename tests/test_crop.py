@@ -315,3 +315,87 @@ def test_box_properties_with_a_common_aspect(problem, aspect):
     assert box.width / box.height == pytest.approx(aspect, abs=(1.0 + aspect) / min(box.width, box.height) + 1e-9)
     for lo, hi, limit in ((box.x0, box.x1, width), (box.y0, box.y1, height)):
         assert (0 <= lo and hi <= limit) if hi - lo <= limit else (lo <= 0 and hi >= limit)
+
+
+def feathered(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """A hole with a soft edge, as a user's feathered brush or a blurred mask gives it: values strictly between 0 and
+    1 over a few sigma around the hole's outline."""
+    return cv2.GaussianBlur(mask.astype(np.float32), (0, 0), sigma)
+
+
+def test_soft_mask_keeps_its_edge_in_the_crop_and_widens_the_band_within_grow_and_feather():
+    height, width, grow, feather = 240, 300, 2, 16
+    image = image_of(height, width, seed=2)
+    core = hole_mask(height, width, 80, 100, 60, 70)
+    # A hole with a wide, low halo (0.49 up to 14 px out): the kind of edge the linear band alone would not follow.
+    halo = cv2.dilate(core.astype(np.uint8), np.ones((29, 29), np.uint8)) > 0
+    soft = np.maximum(feathered(core, 1.0), 0.49 * halo).astype(np.float32)
+    hole = soft > 0.5
+    binary = torch.from_numpy(hole)[None].float()
+    crops, soft_masks, info = C.crop_batch(image, torch.from_numpy(soft)[None], 128, 0.5, 16, grow, feather)
+    crops_b, binary_masks, info_b = C.crop_batch(image, binary, 128, 0.5, 16, grow, feather)
+    assert torch.equal(crops, crops_b) and info.boxes == info_b.boxes and info_b.soft == ()
+    assert all(torch.equal(a, b) for a, b in zip(info.holes, info_b.holes))
+    # The crop's mask keeps the soft values, inside and outside the hole; above 0.5 it is the same grown hole.
+    assert torch.equal(soft_masks > 0.5, binary_masks > 0.5)
+    assert int(((soft_masks > 0.5) & (soft_masks < 1.0)).sum()) > 100  # the soft inside of the edge
+    assert int(((soft_masks > 0.0) & (soft_masks < 0.5)).sum()) > 100  # the soft outside of the edge
+    # Stitch a crop of one colour: the weight each pixel got is (out - original) / (colour - original).
+    colour = 1.0
+    out = C.stitch_batch(info, torch.full_like(crops, colour), "feather", "none")[0, ..., 0].numpy()
+    out_b = C.stitch_batch(info_b, torch.full_like(crops, colour), "feather", "none")[0, ..., 0].numpy()
+    original = image[0, ..., 0].numpy()
+    weight, weight_b = (out - original) / (colour - original), (out_b - original) / (colour - original)
+    box = info.boxes[0]
+    soft_in_box = np.zeros_like(soft)
+    soft_in_box[box.y0:box.y1, box.x0:box.x1] = info.soft[0].numpy()
+    band = allowed_region(hole, grow, feather)
+    assert np.array_equal(out[~band], original[~band])  # the exactness rule holds for soft masks too
+    assert np.array_equal(soft_in_box, soft * (np.arange(height)[:, None] >= box.y0))  # the box holds the mask
+    inside = band & (weight_b > 0)
+    assert bool((weight[inside] >= soft[inside] - 1e-4).all())  # the band follows the soft edge ...
+    assert bool((weight >= weight_b - 1e-6).all())  # ... and is never narrower than the linear one
+    assert float((soft - weight_b)[inside].max()) > 0.1  # (the linear band alone would not have followed it)
+
+
+def test_soft_edge_past_grow_and_feather_is_cut_with_a_warning(caplog):
+    height, width, grow, feather = 200, 200, 0, 2
+    image = image_of(height, width, seed=3)
+    soft = feathered(hole_mask(height, width, 70, 70, 60, 60), 6.0)
+    crops, _, info = C.crop_batch(image, torch.from_numpy(soft)[None], 64, 0.5, 16, grow, feather)
+    with caplog.at_level("WARNING", logger="painternet"):
+        out = C.stitch_batch(info, perturbed(crops, 3), "feather", "none")
+    assert "soft edge reaches past grow + feather" in caplog.text
+    keep = torch.from_numpy(~allowed_region(soft > 0.5, grow, feather))
+    assert torch.equal(out[0][keep], image[0][keep])
+
+
+def test_poisson_solves_only_the_hole_box_not_the_context(monkeypatch):
+    """OpenCV's solve covers the hole's bounding box; the copies it is handed are that box (plus its 2 px border),
+    not the crop box with all its context (which made a large photo's stitch cost ~17 image copies)."""
+    height, width = 300, 400
+    image = image_of(height, width, seed=4)
+    mask = hole_mask(height, width, 120, 150, 30, 40)
+    crops, _, info = C.crop_batch(image, torch.from_numpy(mask)[None].float(), 128, 2.0, 64, 0, 8)
+    assert info.boxes[0].width * info.boxes[0].height > 20 * 30 * 40
+    seen, clone = [], cv2.seamlessClone
+    monkeypatch.setattr(cv2, "seamlessClone", lambda src, *a: seen.append(src.shape[:2]) or clone(src, *a))
+    out = C.stitch_batch(info, perturbed(crops, 5), "poisson", "none")
+    assert seen == [(30 + 4, 40 + 4)]
+    keep = torch.from_numpy(~mask)
+    assert torch.equal(out[0][keep], image[0][keep])
+
+
+def test_poisson_above_its_memory_budget_is_refused_before_any_work(monkeypatch):
+    with pytest.raises(ValueError, match=r"blend poisson on the hole \(6000x6000 px box\) would need about 6.7 GiB "
+                                         r"\(limit 4 GiB"):
+        C.check_poisson_size(np.ones((6000, 6000), bool))
+    height, width = 120, 160
+    image = image_of(height, width, seed=6)
+    mask = torch.from_numpy(hole_mask(height, width, 20, 30, 60, 80))[None].float()
+    crops, _, info = C.crop_batch(image, mask, 64, 0.5, 16, 0, 4)
+    monkeypatch.setattr(C, "POISSON_MAX_PIXELS", 60 * 80 - 1)
+    monkeypatch.setattr(cv2, "seamlessClone", lambda *a: pytest.fail("the solve started"))
+    with pytest.raises(ValueError, match="use blend feather or laplacian"):
+        C.stitch_batch(info, crops, "poisson", "none")
+    assert C.stitch_batch(info, crops, "feather", "none").shape == image.shape

@@ -32,7 +32,8 @@ def load_workflow(name: str) -> dict[str, Any]:
 def ui_to_api(graph: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     """The API prompt the browser would send for a UI-format workflow: links become [node id, slot], widget values
     are assigned to the unlinked widget inputs in INPUT_TYPES order (required, then optional), skipping the extra
-    value a `control_after_generate` widget stores and LoadImage's upload button."""
+    value a `control_after_generate` widget stores and LoadImage's upload button. Optional inputs added after the
+    workflow was saved get no value (the server's default), as in the browser."""
     links = {link[0]: link for link in graph["links"]}
     prompt = {}
     for node in graph["nodes"]:
@@ -47,7 +48,12 @@ def ui_to_api(graph: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         for name, (kind, *options) in specs.items():
             if name in inputs or not (isinstance(kind, list) or kind in WIDGET_TYPES):
                 continue
-            inputs[name] = next(values)
+            value = next(values, None)
+            if value is None and name in spec.get("optional", {}):
+                continue  # saved before the input existed: the node's default applies, as in the browser
+            if value is None:
+                raise ValueError(f"node {node['id']} ({node['type']}) has no widget value for {name}")
+            inputs[name] = value
             if options and options[0].get("control_after_generate"):
                 next(values)
         left = list(values)
@@ -204,3 +210,55 @@ def test_bad_inputs_fail_clearly_and_the_server_goes_on(server, case):
     assert message in error_text(entry), error_text(entry)
     entry = server.run(valid_hole_graph())
     assert entry["status"]["status_str"] == "success", error_text(entry)
+
+
+def test_feathered_mask_through_crop_apply_diffdiff_stitch_keeps_the_photo(server):
+    """Crop → Apply → DifferentialDiffusion → KSampler → Stitch with a feathered mask (the box blurred by ComfyUI's
+    ImageBlur): the crop's mask keeps the soft edge (saved as a preview), the photo outside grow + feather of the
+    hole (mask > 0.5) is unchanged pixel for pixel, and the hole is repainted."""
+    shapes = json.dumps({"version": 1, "shapes": [{"type": "box", "x": 0.3, "y": 0.3, "w": 0.25, "h": 0.3}]})
+    grow, feather = 4, 16
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "PainterNetBoxMask", "inputs": {"image": ["1", 0], "shapes": shapes, "invert": False}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "ImageBlur", "inputs": {"image": ["3", 0], "blur_radius": 8, "sigma": 3.0}},
+        "5": {"class_type": "ImageToMask", "inputs": {"image": ["4", 0], "channel": "red"}},
+        "6": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "7": {"class_type": "PainterNetLoader", "inputs": {"painternet_name": "tiny-sd15-branch.safetensors",
+                                                           "dtype": "auto"}},
+        "8": {"class_type": "PainterNetCrop", "inputs": {"image": ["1", 0], "mask": ["5", 0], "resolution": 128,
+                                                         "context": 0.5, "grow": grow, "feather": feather,
+                                                         "painternet": ["7", 0]}},
+        "9": {"class_type": "CLIPTextEncode", "inputs": {"text": "a wall", "clip": ["6", 1]}},
+        "10": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["6", 1]}},
+        "11": {"class_type": "PainterNetApply", "inputs": {
+            "model": ["6", 0], "vae": ["6", 2], "image": ["8", 0], "mask": ["8", 1], "painternet": ["7", 0],
+            "positive": ["9", 0], "negative": ["10", 0], "scale": 1.0, "start_percent": 0.0, "end_percent": 1.0,
+            "noise_mask": "soft"}},
+        "12": {"class_type": "DifferentialDiffusion", "inputs": {"model": ["11", 0]}},
+        "13": {"class_type": "KSampler", "inputs": {
+            "model": ["12", 0], "seed": 3, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["11", 1], "negative": ["11", 2], "latent_image": ["11", 3], "denoise": 1.0}},
+        "14": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["6", 2]}},
+        "15": {"class_type": "PainterNetStitch", "inputs": {"stitch": ["8", 2], "image": ["14", 0],
+                                                            "blend": "feather", "color_match": "none"}},
+        "16": {"class_type": "SaveImage", "inputs": {"images": ["15", 0], "filename_prefix": "soft"}},
+        "17": {"class_type": "MaskToImage", "inputs": {"mask": ["8", 1]}},
+        "18": {"class_type": "SaveImage", "inputs": {"images": ["17", 0], "filename_prefix": "soft_crop_mask"}},
+        "19": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "soft_mask"}},
+    }
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    crop_mask = saved_pixels(server, entry, "18")[..., 0]
+    assert ((crop_mask > 0) & (crop_mask < 255)).sum() > 100  # the soft edge survived the crop
+    soft = saved_pixels(server, entry, "19")[..., 0]  # SaveImage truncates: u8 = floor(255 * value)
+    assert ((soft > 0) & (soft < 255)).sum() > 100
+    out = saved_pixels(server, entry, "16")
+    original = np.asarray(Image.open(os.path.join(server.input_dir, "photo.png")).convert("RGB"))
+    hole_or_more = soft >= 127  # every value > 0.5 (and a few just below)
+    r = grow + feather
+    band = cv2.dilate(hole_or_more.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
+    assert np.array_equal(out[~band], original[~band])
+    hole = soft >= 128
+    assert (out[hole] != original[hole]).any()
