@@ -75,14 +75,15 @@ class PainterNetBoxMask:
         """Rasterise `shapes` at the image's size, repeat over the batch, and hand the first item back as preview."""
         import torch
 
+        from painternet_core.conditioning import check_image
+
         from .limits import check_inputs, interrupt_poll
 
         check_inputs(PainterNetBoxMask, {"shapes": shapes, "invert": invert})
-        if not isinstance(image, torch.Tensor) or image.ndim != 4:
-            found = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(f"image must be a ComfyUI IMAGE tensor (B, H, W, C), got {found}; connect an image "
-                             "output (e.g. Load Image)")
-        batch, height, width = int(image.shape[0]), int(image.shape[1]), int(image.shape[2])
+        try:
+            batch, height, width, _ = check_image(image, channels=(1, 3, 4))
+        except ValueError as err:
+            raise ValueError(f"PainterNetBoxMask: {err}") from err
         mask = _render_mask(shapes, height, width, bool(invert), check_interrupt=interrupt_poll())
         result = torch.from_numpy(mask).unsqueeze(0).expand(batch, height, width).contiguous()
         logger.debug("PainterNetBoxMask: %dx%d, batch %d, coverage %.4f", width, height, batch, float(mask.mean()))

@@ -142,10 +142,13 @@ class PainterNetMaskGenerator:
             check_interrupt()
             rng = np.random.Generator(np.random.PCG64(child))
             if mode == "paper_mix":
-                drawn = masks.paper_mix_mask(item, rng, box_expand=box_expand, irregular=irregular)
+                drawn = masks.paper_mix_mask(item, rng, box_expand=box_expand, irregular=irregular,
+                                             check_interrupt=check_interrupt)
                 out[i], kind = drawn.mask, drawn.kind
             else:
-                out[i], kind = masks.generate_mask(item, mode, rng, box_expand=box_expand, irregular=irregular), mode
+                out[i] = masks.generate_mask(item, mode, rng, box_expand=box_expand, irregular=irregular,
+                                             check_interrupt=check_interrupt)
+                kind = mode
             kinds.append(kind)
         logger.debug("PainterNetMaskGenerator: seed=%d kinds=%s", seed, kinds)
         return (torch.from_numpy(out),)

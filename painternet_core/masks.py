@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -308,7 +308,8 @@ def dilate_rect(u8: np.ndarray, ksize: int, iterations: int) -> np.ndarray:
 
 
 def irregular_mask(seg: np.ndarray, rng: np.random.Generator,
-                   params: IrregularMaskParams | None = None) -> np.ndarray:
+                   params: IrregularMaskParams | None = None,
+                   check_interrupt: Callable[[], None] | None = None) -> np.ndarray:
     """m_irr (Algorithm 1): dilate by coverage ratio, then scribble from random non-zero points.
 
     Steps: r = sum(m_seg) / (h*w) picks a `DilationBand`; a random kernel size and iteration count from that band
@@ -316,6 +317,12 @@ def irregular_mask(seg: np.ndarray, rng: np.random.Generator,
     (an empty mask); otherwise a random number of drawings start at random non-zero points of m_d and chain random
     line / circle / square segments with random angle, length and brush width. See `IrregularMaskParams` for every
     number involved.
+
+    The cost is bounded by the image, not by the parameters: each drawing op touches at most the image's area, and
+    once the shapes drawn since the last look add up to the image's area the mask is checked for full coverage,
+    after which no op is drawn (they could not change a pixel; the random draws go on, so the output and the rng's
+    state are those of drawing everything). `check_interrupt` (ComfyUI's interrupt poll) is called before each op,
+    so a 64 x 64-op scribble on an 8192² mask stops within one op.
     """
     u8 = _as_binary_u8(seg)
     _check_rng(rng)
@@ -352,6 +359,8 @@ def irregular_mask(seg: np.ndarray, rng: np.random.Generator,
     total = float(sum(p.shape_weights))
     line_max = p.shape_weights[0] / total
     circle_max = (p.shape_weights[0] + p.shape_weights[1]) / total
+    area = float(h * w)
+    drawn, full = 0.0, False
     for start in starts:
         n_seg = int(rng.integers(p.segments[0], p.segments[1] + 1))
         # One draw per segment for (shape, angle, length, width), all at once: Generator calls dominate otherwise.
@@ -364,15 +373,25 @@ def irregular_mask(seg: np.ndarray, rng: np.random.Generator,
             nx = min(max(cx + length * math.cos(angle), 0.0), w - 1.0)
             ny = min(max(cy + length * math.sin(angle), 0.0), h - 1.0)
             end = (int(round(nx)), int(round(ny)))
+            if full:
+                cx, cy = nx, ny
+                continue
+            if check_interrupt is not None:
+                check_interrupt()
             if shape_u < line_max:
                 cv2.line(m_d, (int(round(cx)), int(round(cy))), end, 1, thickness=width)
+                drawn += min((length + width) * width, area)
             elif shape_u < circle_max:
                 cv2.circle(m_d, end, width, 1, thickness=-1)
+                drawn += min(math.pi * width * width, area)
             else:
                 c, s = math.cos(angle) * width, math.sin(angle) * width
                 corners = np.array([[nx + c - s, ny + s + c], [nx - c - s, ny - s + c],
                                     [nx - c + s, ny - s - c], [nx + c + s, ny + s - c]])
                 cv2.fillConvexPoly(m_d, np.round(corners).astype(np.int32), 1)
+                drawn += min(4.0 * width * width, area)
+            if drawn >= area:  # one look per image's worth of drawing: at most doubles the work, never more
+                full, drawn = cv2.countNonZero(m_d) == h * w, 0.0
             cx, cy = nx, ny
     return _to_float(m_d)
 
@@ -391,7 +410,8 @@ def paper_kind(k: float) -> str:
 
 def paper_mix_mask(seg: np.ndarray, rng: np.random.Generator, *, box_expand: FloatRange = DEFAULT_BOX_EXPAND,
                    irregular: IrregularMaskParams | None = None,
-                   square_share: float = PAPER_MIX_SQUARE_SHARE) -> MixedMask:
+                   square_share: float = PAPER_MIX_SQUARE_SHARE,
+                   check_interrupt: Callable[[], None] | None = None) -> MixedMask:
     """Eq. 6: draw k ~ U[0, 1) from `rng`, build the kind it selects and return it together with that kind.
 
     Boxes are "rectangular or square" (§3.4): ``square_share`` of them are squares (:data:`PAPER_MIX_SQUARE_SHARE`).
@@ -401,20 +421,22 @@ def paper_mix_mask(seg: np.ndarray, rng: np.random.Generator, *, box_expand: Flo
     if kind == "box":
         return MixedMask(box_mask(seg, rng, box_expand, square_share), kind)
     if kind == "irregular":
-        return MixedMask(irregular_mask(seg, rng, irregular), kind)
+        return MixedMask(irregular_mask(seg, rng, irregular, check_interrupt), kind)
     return MixedMask(segmentation_mask(seg), kind)
 
 
 _IRREGULAR_FIELDS = frozenset(f.name for f in dataclasses.fields(IrregularMaskParams))
 
 
-def generate_mask(seg: np.ndarray, mode: str, rng: np.random.Generator, **params: Any) -> np.ndarray:
+def generate_mask(seg: np.ndarray, mode: str, rng: np.random.Generator, *,
+                  check_interrupt: Callable[[], None] | None = None, **params: Any) -> np.ndarray:
     """One mask of `mode` ("segmentation", "box", "irregular", "paper_mix") from a 2-D segmentation.
 
     Keyword parameters: `box_expand` (box and paper_mix), `square_share` (box: default 0, paper_mix: default
     :data:`PAPER_MIX_SQUARE_SHARE`), `irregular` (an `IrregularMaskParams`) and/or any of its field names as
     overrides (irregular and paper_mix), e.g. ``generate_mask(seg, "irregular", rng, strokes=(2, 6))``.
     Parameters a mode does not use are accepted and ignored, so one parameter set can serve every mode.
+    `check_interrupt` is polled inside the irregular scribble (see `irregular_mask`).
     """
     if mode not in MASK_MODES:
         raise ValueError(f"unknown mask mode {mode!r}; use one of {', '.join(MASK_MODES)}")
@@ -435,5 +457,6 @@ def generate_mask(seg: np.ndarray, mode: str, rng: np.random.Generator, **params
     if mode == "box":
         return box_mask(seg, rng, box_expand, square_share)
     if mode == "irregular":
-        return irregular_mask(seg, rng, irregular)
-    return paper_mix_mask(seg, rng, box_expand=box_expand, irregular=irregular, square_share=square_share).mask
+        return irregular_mask(seg, rng, irregular, check_interrupt)
+    return paper_mix_mask(seg, rng, box_expand=box_expand, irregular=irregular, square_share=square_share,
+                          check_interrupt=check_interrupt).mask

@@ -73,7 +73,9 @@ def test_round_trip_through_the_nodes_keeps_the_kept_pixels():
     ({"mask": hole(batch=3), "image": picture(batch=2)}, "mask batch 3 does not match image batch 2; give one mask"),
     ({"mask": torch.zeros(1, 90, 120)}, "the mask is empty: nothing to inpaint"),
     ({"mask": torch.cat([hole(), torch.zeros(1, 90, 120)]), "image": picture(batch=2)}, "mask 1 of the batch is empty"),
-    ({"image": picture()[..., :1]}, "image must be an IMAGE tensor"),
+    ({"image": picture()[..., :1]}, "image has 1 channel (shape (1, 90, 120, 1)); expected 3 or 4"),
+    ({"image": picture()[:0]}, "image batch is empty (shape (0, 90, 120, 3))"),
+    ({"image": torch.cat([picture(), picture()[..., :2]], dim=-1)}, "image has 5 channels"),
     ({"image": picture().masked_fill(torch.rand(1, 90, 120, 3) > 0.99, float("nan"))}, "image contains NaN"),
 ])
 def test_crop_refuses_bad_inputs_naming_the_node(override, message):

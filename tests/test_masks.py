@@ -395,3 +395,58 @@ def test_node_rejects_bad_input():
         node.generate(torch.zeros(1, 4, 4), "blob", 0)
     with pytest.raises(ValueError, match=r"box_expand|expand"):
         node.generate(torch.zeros(1, 4, 4), "box", 0, box_expand_min=0.5, box_expand_max=0.1)
+
+
+MAXED = masks.IrregularMaskParams(dilation_scale=10.0, strokes=(64, 64), segments=(64, 64), length=(2.0, 2.0),
+                                  width=(1.0, 1.0))
+
+
+def _counting_draws(monkeypatch) -> list[str]:
+    """Record every OpenCV drawing op the scribble makes (each costs up to the image's area)."""
+    calls: list[str] = []
+    for name in ("line", "circle", "fillConvexPoly"):
+        real = getattr(cv2, name)
+        monkeypatch.setattr(masks.cv2, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    return calls
+
+
+def test_scribble_at_every_maximum_stops_drawing_once_the_mask_is_full(monkeypatch):
+    """The node's largest values (64 drawings x 64 segments, brush = the short side) once cost 4096 image-sized
+    fills (~25 s per 8192² item); once the shapes cover the image nothing more is drawn, and the output and the
+    generator's state are those of drawing everything."""
+    seg = np.zeros((512, 512), np.float32)
+    seg[200:220, 300:330] = 1.0
+    calls = _counting_draws(monkeypatch)
+    rng = np.random.default_rng(7)
+    out = masks.irregular_mask(seg, rng, MAXED)
+    assert out.min() == 1.0 and 0 < len(calls) < 64
+    after = rng.random()
+    reference = np.random.default_rng(7)
+    monkeypatch.setattr(masks.cv2, "countNonZero", lambda m: -1)  # never "full": every op drawn, as before
+    calls.clear()
+    assert np.array_equal(masks.irregular_mask(seg, reference, MAXED), out)
+    assert len(calls) == 64 * 64 and reference.random() == after
+
+
+def test_node_polls_the_interrupt_inside_one_item(monkeypatch):
+    """One 64 x 64-op scribble is one item: the interrupt is polled before every op, not only between items."""
+    module = _load_mask_nodes()
+    polls: list[int] = []
+
+    class Interrupted(Exception):
+        pass
+
+    def poll() -> None:
+        polls.append(1)
+        if len(polls) == 3:
+            raise Interrupted
+
+    from harness.comfy_helpers import pack_module
+
+    monkeypatch.setattr(pack_module("nodes.limits"), "interrupt_poll", lambda: poll)  # imported at call time
+    seg = torch.zeros(1, 256, 256)
+    seg[:, 100:120, 100:140] = 1.0
+    with pytest.raises(Interrupted):
+        module.PainterNetMaskGenerator().generate(seg, "irregular", 3, dilation_scale=0.0, strokes_min=2,
+                                                  strokes_max=2, segments_min=5, segments_max=5, width_max=0.05)
+    assert len(polls) == 3

@@ -262,7 +262,11 @@ def test_node_returns_batched_mask_and_temp_preview(tmp_path: Path) -> None:
 
 def test_node_rejects_non_image_and_bad_shapes() -> None:
     node = _load_box_mask_nodes().PainterNetBoxMask()
-    with pytest.raises(ValueError, match="must be a ComfyUI IMAGE tensor"):
+    with pytest.raises(ValueError, match="PainterNetBoxMask: image must be an IMAGE tensor"):
         node.draw(torch.zeros(10, 20), "", False)
+    with pytest.raises(ValueError, match=r"PainterNetBoxMask: image batch is empty \(shape \(0, 4, 4, 3\)\)"):
+        node.draw(torch.zeros(0, 4, 4, 3), "", False)
+    with pytest.raises(ValueError, match="PainterNetBoxMask: image has 5 channels .* expected 1, 3 or 4"):
+        node.draw(torch.zeros(1, 4, 4, 5), "", False)
     with pytest.raises(ValueError, match="not valid JSON"):
         node.draw(torch.zeros(1, 4, 4, 3), "{", False)

@@ -28,6 +28,9 @@ const FILL = "rgba(255, 72, 72, 1)";
 const OVERLAY_ALPHA = 0.45;
 const EDITOR_MIN_HEIGHT = 240;
 const HISTORY_LIMIT = 100;
+// The backend refuses a shapes document above painternet_core.shapes.MAX_JSON_CHARS (4 MiB): the editor neither
+// parses a longer one (a shared workflow may hold anything) nor writes one (the run would fail).
+const MAX_JSON_CHARS = 4 * 2 ** 20;
 
 const round = (v) => Math.round(v * 10 ** DECIMALS) / 10 ** DECIMALS;
 const clamp01 = (v) => Math.min(1, Math.max(0, v));
@@ -71,6 +74,11 @@ function parseShapes(text) {
   // The backend validates strictly and reports errors on run; here bad values are skipped (with a console warning)
   // so a malformed shared workflow still loads instead of stopping the frontend with an error dialog.
   if (!text || !String(text).trim()) return [];
+  if (String(text).length > MAX_JSON_CHARS) {
+    console.warn(`[${EXTENSION}] shapes widget holds ${String(text).length} characters, more than the `
+      + `${MAX_JSON_CHARS} the backend accepts; showing no shapes (Clear to start over)`);
+    return [];
+  }
   let list;
   try {
     const data = JSON.parse(text);
@@ -111,6 +119,8 @@ class ShapeEditor {
     this.invertWidget = node.widgets?.find((w) => w.name === INVERT_WIDGET);
     this.history = [];
     this.draft = null;
+    this.parsedText = undefined; // the widget value `parsed` was made from: parse once per change, not per redraw
+    this.parsed = [];
     this.image = null;         // HTMLImageElement being shown
     this.imageSource = "none"; // "none" | "upstream" | "run": what the canvas shows, exposed for tests
     this.upstreamSrc = null;
@@ -261,7 +271,14 @@ class ShapeEditor {
   // ---------------------------------------------------------------- shapes <-> widget
 
   get shapes() {
-    return parseShapes(this.shapesWidget?.value);
+    // Every redraw (each pointer move) reads the shapes; the widget value changes only on a commit, an undo or a
+    // workflow load, so it is parsed when it differs from the last one parsed.
+    const text = this.shapesWidget?.value;
+    if (text !== this.parsedText) {
+      this.parsed = parseShapes(text);
+      this.parsedText = text;
+    }
+    return this.parsed;
   }
 
   commit(shapes, { record = true } = {}) {
@@ -269,6 +286,14 @@ class ShapeEditor {
     const before = this.shapesWidget.value;
     const after = JSON.stringify({ version: FORMAT_VERSION, shapes });
     if (before === after) return;
+    if (after.length > MAX_JSON_CHARS) {
+      console.warn(`[${EXTENSION}] the drawing would be ${after.length} characters, more than the `
+        + `${MAX_JSON_CHARS} the backend accepts; the shape was not added (undo, clear or use fewer strokes)`);
+      this.limitReached = true;
+      this.draw();
+      return;
+    }
+    this.limitReached = false;
     if (record) {
       this.history.push(before);
       if (this.history.length > HISTORY_LIMIT) this.history.shift();
@@ -426,7 +451,8 @@ class ShapeEditor {
     const size = this.image ? `${iw}×${ih}` : "no image yet";
     const brush = this.node.properties.painternet_mode === "stroke"
       ? ` · brush ${Math.round(Number(this.node.properties.painternet_brush) * 1000) / 10}%` : "";
-    this.status.textContent = `${n} shape${n === 1 ? "" : "s"} · ${size}${brush}`;
+    const full = this.limitReached ? " · size limit reached" : "";
+    this.status.textContent = `${n} shape${n === 1 ? "" : "s"} · ${size}${brush}${full}`;
   }
 }
 
