@@ -34,8 +34,9 @@ class PainterNetCrop:
     OUTPUT_TOOLTIPS = (
         "The crops, resized so their area is about resolution² (aspect kept, sides multiples of 8): feed them to "
         "Apply PainterNet.",
-        "The grown hole in each crop (1 = generate); a soft (feathered) mask keeps its soft edge outside the "
-        "hole, for Apply PainterNet's noise_mask and Differential Diffusion.",
+        "The grown hole in each crop (1 = generate). A soft (feathered) mask keeps its soft values (the ring grow "
+        "adds is set just above 0.5, so above 0.5 it is the grown hole), for Apply PainterNet's noise_mask and "
+        "Differential Diffusion.",
         "What PainterNet Stitch needs to put the inpainted crops back into the original images.")
     DESCRIPTION = ("Inpaint a large photo at the branch's training size: cuts the (grown) hole plus surrounding "
                    "context out of each image and resizes it to about 512² (SD1.5) or 1024² (SDXL). Sample the crop, "
