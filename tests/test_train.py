@@ -65,6 +65,32 @@ def test_step0_of_a_fresh_branch_reproduces_the_base_prediction(sd15_run):
     assert torch.equal(got, expected)
 
 
+def test_the_trainer_step_runs_no_node_input_checks_and_backward_outside_autocast(sd15_run):
+    """The node's untrusted-input checks (finite pixels and mask, a non-empty hole) each read a value back from the
+    device; the trainer's step leaves its data to the data pipeline, so a batch with an empty hole is trained on here
+    while the node's path refuses it. The backward pass runs with autocast off, as torch.amp asks."""
+    from painternet_core.conditioning import prepare_condition
+
+    _, result = sd15_run
+    base = result.base
+    branch = PainterNetBranch.from_unet(base.unet)
+    batch = _batch()
+    batch["mask"] = torch.zeros_like(batch["mask"])
+    autocast_in_backward = []
+
+    def backward(loss: torch.Tensor) -> None:
+        autocast_in_backward.append(torch.is_autocast_enabled("cpu"))
+        loss.backward()
+
+    out = compute_loss(base, branch, batch, step_generator(0, 0, 0, torch.device("cpu")), config=branch.config,
+                       weight_dtype=torch.float32, recorder=None, beta=0.0, prompt_dropout=0.0, backward=backward,
+                       autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert torch.isfinite(out.loss) and autocast_in_backward == [False]
+    assert any(p.grad is not None for p in branch.parameters())
+    with pytest.raises(ValueError, match="mask is empty"):
+        prepare_condition((batch["pixel_values"] + 1) / 2, batch["mask"], lambda px: px, branch.config)
+
+
 def test_samples_on_a_fallback_scene_caption_get_no_atal(sd15_run):
     """--caption_fallback global trains an object without a local caption on the scene caption, but with ATAL off
     for that sample: its L_ATAL is exactly the one of the batch without it."""
