@@ -80,23 +80,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 
 def end_processes(code: int) -> int:
-    """Leave the process group in step with the other ranks and close it before the interpreter exits; returns
-    ``code``. Without this, a rank that finishes first (rank 0 after the merge, say) exits while gloo still holds its
-    peers' connections and aborts at exit ("terminate called without an active exception", SIGABRT) in about half of
-    2-process CPU runs, so the launch fails although every rank's work is done."""
+    """Leave the process group in step with the other ranks and close it while the interpreter is fully alive;
+    returns ``code`` for ``SystemExit``, so the process then ends normally (exit handlers run, buffers flush).
+
+    Why: a gloo process group still open when the interpreter tears down aborts the process ("terminate called
+    without an active exception", SIGABRT), PyTorch's own behaviour when ``destroy_process_group`` is not called
+    (pytorch/pytorch#190489): the group's native threads and pending work are destroyed with the interpreter. It hit
+    about half of the 2-process CPU captioning runs before this function existed. The barrier keeps a rank that
+    finishes first (rank 0 after the merge, say) from closing its connections while a peer still uses them. The
+    measurements are in docs/evaluation.md ("Ending a multi-process run").
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-        # Even then a rank still aborted at exit now and then (1 run in ~10): a native thread is torn down by the
-        # interpreter's exit handlers. Every output is written and closed by now, so leave without running them.
-        import logging
-        import os
-        import sys
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
     return code
