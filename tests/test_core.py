@@ -206,6 +206,25 @@ def test_prepare_condition_refuses_a_bad_image_and_an_empty_mask_with_the_fix():
         prepare_condition(torch.rand(1, 3, 16, 16), torch.zeros(1, 16, 16), lambda px: px, config)
 
 
+def test_prepare_condition_without_value_checks_reads_nothing_back():
+    """check_values=False (the trainer's step) skips exactly the checks that read values back from the device: the
+    same inputs the node refuses go through, while shape errors stay."""
+    config = PainterNetConfig.from_unet_config(TINY_SD15_UNET)
+    nan_image = torch.full((1, 3, 16, 16), float("nan"))
+    cond = prepare_condition(nan_image, torch.ones(1, 16, 16), lambda px: px[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4],
+                             config, check_values=False)
+    assert cond.shape == (1, 5, 2, 2) and cond[:, 4].eq(1).all()
+    empty = prepare_condition(torch.rand(1, 3, 16, 16), torch.zeros(1, 16, 16),
+                              lambda px: px[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4], config, check_values=False)
+    assert empty[:, 4].eq(0).all()
+    nan_mask = torch.full((1, 16, 16), float("nan"))
+    assert normalize_mask(nan_mask, 16, 16, 1, check_values=False).eq(0).all()
+    with pytest.raises(ValueError, match="mask contains NaN"):
+        prepare_condition(torch.rand(1, 3, 16, 16), nan_mask, lambda px: px, config)
+    with pytest.raises(ValueError, match=r"expected \(B,3,H,W\)"):
+        prepare_condition(torch.rand(1, 4, 16, 16), torch.ones(1, 16, 16), lambda px: px, config, check_values=False)
+
+
 def test_normalize_mask_layouts_batches_and_threshold():
     mask = torch.zeros(2, 1, 8, 12)
     mask[0, 0, 1, 2] = 0.5  # exactly at the threshold: stays known
