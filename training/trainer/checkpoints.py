@@ -32,6 +32,18 @@ __all__ = ["CHECKPOINT_PATTERN", "list_checkpoints", "checkpoint_step", "resolve
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PATTERN = re.compile(r"^\.checkpoint-(\d+)\.tmp$")
+# Fault injection for the crash-safety test: "<step>:<point>" makes the process SIGKILL itself at that point of that
+# step's save ("state": accelerate's state written, nothing else; "rename": everything written, not yet renamed), so
+# the test kills a save at a known point instead of racing it.
+KILL_DURING_SAVE_ENV = "PAINTERNET_KILL_DURING_SAVE"
+
+
+def _fault_point(step: int, point: str) -> None:
+    if os.environ.get(KILL_DURING_SAVE_ENV) == f"{step}:{point}":
+        import signal
+
+        logger.warning("%s=%d:%s: killing this process mid-save", KILL_DURING_SAVE_ENV, step, point)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -115,10 +127,12 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, total_l
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    _fault_point(step, "state")
     if write_extra is not None:
         write_extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _fault_point(step, "rename")
         if final.exists():  # a rerun past a step a crashed run had saved: the new state replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
