@@ -807,7 +807,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="sweep batch sizes (1 2 4 8 GPU)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--budget-s", type=float, default=480.0,
-                        help="after this many seconds, remaining configurations are skipped and logged as such")
+                        help="after this many seconds, remaining configurations are skipped and logged as such "
+                             "(inf: never)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"dense peak for MFU (default: {H200_BF16_TFLOPS:.0f} on an H200, else the measured "
                              "matrix-product rate)")
