@@ -35,6 +35,8 @@ README_SCREENSHOT = REPO / "docs" / "box_mask.png"
 IMAGE_NAME = "painternet_browser_test.png"
 IMAGE_SIZE = (384, 256)  # (width, height): not square, so a swapped axis shows up
 PREFIX = "painternet_box_mask"
+# Every wait below waits for an event (a page state, a finished prompt); this only ends a hang, it is no budget.
+HANG_GUARD_S = 600.0
 BOX_NODE = "PainterNetBoxMask"
 BOX_POS, BOX_SIZE = [350, 60], [460, 440]
 # The box to drag, in fractions of the editor canvas: (x0, y0) -> (x1, y1).
@@ -162,8 +164,9 @@ def server(request, tmp_path_factory):
     srv.stop()
 
 
-def _wait(page, expression: str, what: str, timeout_s: float = 30.0) -> Any:
-    """Poll a JS expression until it is truthy; fails with `what` and the page's console on timeout."""
+def _wait(page, expression: str, what: str, timeout_s: float = HANG_GUARD_S) -> Any:
+    """Poll a JS expression until it is truthy (an event, not a time budget: `timeout_s` only guards against a
+    hang); fails with `what` and the page's console on timeout."""
     # Evaluated inside try/catch: while a newer frontend starts, its getters can throw (a store not ready yet).
     # Objects come back as `true`: a frontend object graph is not serialisable.
     guarded = (f"(() => {{ try {{ const v = ({expression}); return [true, v && typeof v === 'object' ? true : v]; }} "
@@ -182,7 +185,6 @@ def _wait(page, expression: str, what: str, timeout_s: float = 30.0) -> Any:
 @pytest.mark.parametrize("vue_nodes", [False, True], ids=["litegraph-nodes", "nodes-2.0"])
 def test_drag_a_box_in_the_browser_and_get_it_in_the_saved_mask(browser, server, vue_nodes, tmp_path):
     # `browser` first: without Chromium the test skips before a server is started for nothing.
-    started = time.monotonic()
     # "Nodes 2.0" (Vue-rendered nodes) is a user setting; set before the page loads so the graph starts in that mode.
     requests.post(f"{server.url}/settings", json={"Comfy.VueNodes.Enabled": vue_nodes},
                   timeout=30).raise_for_status()
@@ -199,12 +201,12 @@ def test_drag_a_box_in_the_browser_and_get_it_in_the_saved_mask(browser, server,
     # The "Nodes 2.0" banner remembers its dismissal in localStorage; dismissed, it stays out of the screenshot.
     page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
     try:
-        page.goto(server.url, wait_until="domcontentloaded", timeout=60_000)
-        _wait(page, f"{APP}?.extensions?.some(e => e.name === 'PainterNet.Web')", "the PainterNet.Web extension", 60)
+        page.goto(server.url, wait_until="domcontentloaded", timeout=HANG_GUARD_S * 1000)
+        _wait(page, f"{APP}?.extensions?.some(e => e.name === 'PainterNet.Web')", "the PainterNet.Web extension")
         # Start-up is over once the node types are registered and the initial workflow is on the canvas; loading
         # ours earlier would be replaced by it.
         _wait(page, f"window.LiteGraph?.registered_node_types?.{BOX_NODE} && {APP}.graph?.nodes?.length > 0",
-              "the frontend to finish start-up", 60)
+              "the frontend to finish start-up")
         page.evaluate(f"async (wf) => {{ await {APP}.loadGraphData(wf, true, true, 'painternet-box-mask'); }}",
                       _workflow(image_name))
         box_id = page.evaluate(ADD_BOX_NODE)
@@ -213,9 +215,8 @@ def test_drag_a_box_in_the_browser_and_get_it_in_the_saved_mask(browser, server,
         # Before any run the editor shows the image the Load Image node displays.
         _wait(page, f"{node}.painternetEditor.imageSource === 'upstream'", "the Load Image picture in the editor")
         canvas = page.locator("canvas.painternet-editor-canvas")
-        canvas.wait_for(state="visible", timeout=10_000)
-        page.wait_for_timeout(300)  # let the widget settle at its final size
-        box = canvas.bounding_box()
+        canvas.wait_for(state="visible", timeout=HANG_GUARD_S * 1000)
+        box = _settled_box(page, canvas)
         assert box and box["width"] > 50 and box["height"] > 50, box
         aspect = box["width"] / box["height"]
         assert abs(aspect - IMAGE_SIZE[0] / IMAGE_SIZE[1]) < 0.02, f"editor canvas {box} lost the image's aspect"
@@ -245,9 +246,10 @@ def test_drag_a_box_in_the_browser_and_get_it_in_the_saved_mask(browser, server,
         saved = page.evaluate(f"{APP}.graph.serialize().nodes.find(n => n.id === {box_id}).widgets_values[0]")
         assert json.loads(saved) == stored
 
+        known = set(requests.get(f"{server.url}/history", timeout=30).json())
         page.evaluate(f"async () => {{ await {APP}.queuePrompt(0); }}")
-        outputs = _wait_for_output(server)
-        _wait(page, f"{node}.painternetEditor.imageSource === 'run'", "the run's preview in the editor", 30)
+        outputs = _wait_for_output(server, known)
+        _wait(page, f"{node}.painternetEditor.imageSource === 'run'", "the run's preview in the editor")
         page.evaluate(f"{APP}.canvas.deselectAll()")
         page.mouse.move(5, 790)
         page.wait_for_timeout(300)
@@ -286,7 +288,19 @@ def test_drag_a_box_in_the_browser_and_get_it_in_the_saved_mask(browser, server,
     band = column - 20 + np.flatnonzero(saved_mask[height // 2, column - 20:] > 0.5)
     assert column in band and abs(band.size - 0.05 * height) <= 2, band  # brush 5 % of the short side
     assert saved_mask[int(0.2 * height):int(0.8 * height), column].min() > 0.5
-    assert time.monotonic() - started < 90
+
+
+def _settled_box(page, locator) -> dict[str, float] | None:
+    """The locator's bounding box once the widget has settled at its final size (two reads 100 ms apart agree)."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    box = locator.bounding_box()
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+        again = locator.bounding_box()
+        if again == box:
+            return box
+        box = again
+    raise AssertionError(f"the editor canvas never settled (last box {box})")
 
 
 def _drag(page, box: dict[str, float], points: tuple[tuple[float, float], tuple[float, float]], steps: int) -> None:
@@ -302,13 +316,21 @@ def _shapes(page, node: str) -> dict[str, Any]:
     return json.loads(page.evaluate(f"{node}.widgets.find(w => w.name === 'shapes').value"))
 
 
-def _wait_for_output(server, timeout_s: float = 60.0) -> list[str]:
+def _wait_for_output(server, known: set[str], timeout_s: float = HANG_GUARD_S) -> list[str]:
+    """The files our SaveImage wrote for the first prompt that finishes after `known` (ids already in /history), as
+    ComfyUI's history reports them: it records a prompt once its outputs are written, so the files are complete.
+    Waits for that event; `timeout_s` only guards against a hang."""
     deadline = time.monotonic() + timeout_s
-    pattern = os.path.join(server.output_dir, f"{PREFIX}_*.png")
     while time.monotonic() < deadline:
-        found = sorted(glob.glob(pattern))
-        if found:
-            time.sleep(0.2)  # SaveImage writes then returns; give the file a moment to be complete
-            return found
+        for prompt_id, entry in requests.get(f"{server.url}/history", timeout=30).json().items():
+            if prompt_id in known:
+                continue
+            status = entry.get("status", {})
+            if status.get("status_str") == "error":
+                raise AssertionError(f"the browser's prompt failed: {status.get('messages')}")
+            if status.get("completed"):
+                return sorted(os.path.join(server.output_dir, image["subfolder"], image["filename"])
+                              for output in entry["outputs"].values() for image in output.get("images", [])
+                              if image["filename"].startswith(PREFIX) and image.get("type") == "output")
         time.sleep(0.2)
-    raise AssertionError(f"no {pattern} after {timeout_s}s; server log tail:\n{server.log()[-3000:]}")
+    raise AssertionError(f"no finished prompt after {timeout_s}s; server log tail:\n{server.log()[-3000:]}")
