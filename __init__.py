@@ -1,7 +1,9 @@
 """ComfyUI entry point of the PainterNet pack.
 
 ComfyUI imports this file as a package and silently drops packs whose import fails, so it only registers the
-`painternet` model folder and collects the node classes; everything heavy is imported inside node functions.
+`painternet` model folder and hands ComfyUI the V3 extension (`comfy_entrypoint`, ComfyUI's versioned node API);
+everything heavy is imported inside node functions. There is deliberately no NODE_CLASS_MAPPINGS: ComfyUI would take
+it first and skip the entrypoint.
 """
 import importlib.util
 import os
@@ -36,7 +38,7 @@ _register_core()
 
 import folder_paths  # noqa: E402  (ComfyUI's, present whenever ComfyUI loads us)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .nodes import comfy_entrypoint  # noqa: E402
 
 folder_paths.add_model_folder_path("painternet", os.path.join(folder_paths.models_dir, "painternet"), is_default=True)
 # Pickle extensions are listed on purpose: the loader refuses them with a message on how to convert, instead of
@@ -45,4 +47,4 @@ folder_paths.folder_names_and_paths["painternet"][1].update(folder_paths.support
 
 WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

@@ -3,7 +3,7 @@
 Thin adapter over `painternet_core.shapes`: the editor stores the drawing as normalised JSON in the `shapes` widget,
 this node rasterises it at the connected image's size and sends the image back to the editor as a temp preview (the
 `ui.images` entry, saved the way ComfyUI's PreviewImage saves), so after one run the user draws on the real picture.
-No ComfyUI or torch import at module import time: they are imported inside the function.
+Only ComfyUI's light node API is imported at module import time; torch and folder_paths inside the functions.
 """
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ import os
 import secrets
 from typing import Any
 
+from comfy_api.v0_0_2 import io
+
 from painternet_core import shapes
+
+from .limits import check_inputs, interrupt_poll
 
 logger = logging.getLogger("painternet")
 
@@ -41,45 +45,41 @@ def _save_preview(image: Any) -> dict[str, str]:
     return {"filename": name, "subfolder": subfolder, "type": "temp"}
 
 
-class PainterNetBoxMask:
+class PainterNetBoxMask(io.ComfyNode):
     """Rasterises the boxes / strokes drawn in the node's editor into a MASK at the image's size."""
 
-    CATEGORY = "inpaint/PainterNet"
-    FUNCTION = "draw"
-    RETURN_TYPES = ("MASK",)
-    RETURN_NAMES = ("mask",)
-    OUTPUT_TOOLTIPS = ("(B, H, W) float32 in {0, 1} at the image's size, the same drawing on every batch item; "
-                       "1 = inside a shape = region to generate (0 there when invert is on).",)
-    DESCRIPTION = ("Draw boxes or brush strokes on the image right in the graph. Run once to see the connected image "
-                   "in the editor; shapes are stored as fractions of the image, so they follow the image when its "
-                   "size changes. Box mode: drag a rectangle. Stroke mode: paint with the brush width shown.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PainterNetBoxMask", display_name="PainterNet Box / Scribble Mask", category="inpaint/PainterNet",
+            description=(
+                "Draw boxes or brush strokes on the image right in the graph. Run once to see the connected image "
+                "in the editor; shapes are stored as fractions of the image, so they follow the image when its "
+                "size changes. Box mode: drag a rectangle. Stroke mode: paint with the brush width shown."),
+            inputs=[
+                io.Image.Input("image", tooltip="The image to draw on. The mask has its height and width; after a "
+                                                "run the editor shows its first item."),
+                io.String.Input("shapes", default=shapes.EMPTY_SHAPES_JSON, multiline=False, tooltip=(
+                    "What was drawn, written by the editor: JSON {\"version\": 1, \"shapes\": [...]} with boxes "
+                    "{type: box, x, y, w, h} and strokes {type: stroke, width, points: [[x, y], ...]}, all as "
+                    "fractions of the image (stroke width: of its short side).")),
+                io.Boolean.Input("invert", default=False, tooltip=(
+                    "Off: 1 inside the shapes (regenerate what you drew). On: 1 outside them (keep what you drew, "
+                    "regenerate the rest).")),
+            ],
+            outputs=[io.Mask.Output(display_name="mask", tooltip=(
+                "(B, H, W) float32 in {0, 1} at the image's size, the same drawing on every batch item; 1 = inside "
+                "a shape = region to generate (0 there when invert is on)."))],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, dict[str, Any]]:
-        return {
-            "required": {
-                "image": ("IMAGE", {"tooltip": "The image to draw on. The mask has its height and width; after a "
-                                               "run the editor shows its first item."}),
-                "shapes": ("STRING", {
-                    "default": shapes.EMPTY_SHAPES_JSON, "multiline": False,
-                    "tooltip": "What was drawn, written by the editor: JSON {\"version\": 1, \"shapes\": [...]} with "
-                               "boxes {type: box, x, y, w, h} and strokes {type: stroke, width, points: [[x, y], "
-                               "...]}, all as fractions of the image (stroke width: of its short side)."}),
-                "invert": ("BOOLEAN", {"default": False,
-                                       "tooltip": "Off: 1 inside the shapes (regenerate what you drew). On: 1 "
-                                                  "outside them (keep what you drew, regenerate the rest)."}),
-            },
-        }
-
-    def draw(self, image: Any, shapes: str, invert: bool) -> dict[str, Any]:
+    def execute(cls, image: Any, shapes: str, invert: bool) -> io.NodeOutput:
         """Rasterise `shapes` at the image's size, repeat over the batch, and hand the first item back as preview."""
+        check_inputs(cls, locals())
         import torch
 
         from painternet_core.conditioning import check_image
 
-        from .limits import check_inputs, interrupt_poll
-
-        check_inputs(PainterNetBoxMask, {"shapes": shapes, "invert": invert})
         try:
             batch, height, width, _ = check_image(image, channels=(1, 3, 4))
         except ValueError as err:
@@ -87,8 +87,7 @@ class PainterNetBoxMask:
         mask = _render_mask(shapes, height, width, bool(invert), check_interrupt=interrupt_poll())
         result = torch.from_numpy(mask).unsqueeze(0).expand(batch, height, width).contiguous()
         logger.debug("PainterNetBoxMask: %dx%d, batch %d, coverage %.4f", width, height, batch, float(mask.mean()))
-        return {"ui": {"images": [_save_preview(image[0])]}, "result": (result,)}
+        return io.NodeOutput(result, ui={"images": [_save_preview(image[0])]})
 
 
-NODE_CLASS_MAPPINGS = {"PainterNetBoxMask": PainterNetBoxMask}
-NODE_DISPLAY_NAME_MAPPINGS = {"PainterNetBoxMask": "PainterNet Box / Scribble Mask"}
+NODES: list[type[io.ComfyNode]] = [PainterNetBoxMask]

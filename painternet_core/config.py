@@ -155,8 +155,10 @@ def _ints(value: Any, name: str, n: int, low: int, high: int) -> list[int]:
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
+    # An int is finite at any size and compares exactly with the bounds; math.isfinite(10**400) would raise
+    # OverflowError instead of naming the field.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
         raise ValueError(f"painternet_config {name}={quote(value)} must be a finite number in [{low}, {high}]; "
                          "the file is damaged")
     return float(value)

@@ -22,7 +22,11 @@ def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
     shortener.maxlevel = 4
     shortener.maxlist = shortener.maxtuple = shortener.maxdict = shortener.maxset = 16
     shortener.maxstring = shortener.maxother = shortener.maxlong = limit
-    text = shortener.repr(value)
+    try:
+        text = shortener.repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit, alone or inside a container
+        digits = f"about {int(value.bit_length() * 0.30103) + 1}-digit " if isinstance(value, int) else ""
+        text = f"<{digits}{type(value).__name__} too large to show>"
     if len(text) <= limit:
         return text
     return f"{text[:limit]}…"

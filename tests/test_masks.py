@@ -340,12 +340,12 @@ def test_bad_mode_params_and_rng():
 
 def test_node_batch_is_reproducible_and_items_differ():
     module = _load_mask_nodes()
-    node = module.PainterNetMaskGenerator()
+    node = module.PainterNetMaskGenerator
     seg = torch.from_numpy(_object(96, 80))
     batch = torch.stack([seg, seg])
-    (a,) = node.generate(batch, "irregular", 42)
-    (b,) = node.generate(batch, "irregular", 42)
-    (c,) = node.generate(batch, "irregular", 43)
+    (a,) = node.execute(batch, "irregular", 42)
+    (b,) = node.execute(batch, "irregular", 42)
+    (c,) = node.execute(batch, "irregular", 43)
     assert a.shape == (2, 96, 80) and a.dtype == torch.float32 and a.device.type == "cpu"
     assert torch.equal(a, b)
     assert not torch.equal(a[0], a[1])  # same input, independent streams per item
@@ -358,19 +358,19 @@ def test_node_batch_is_reproducible_and_items_differ():
 
 def test_node_modes_shapes_and_widgets():
     module = _load_mask_nodes()
-    node = module.PainterNetMaskGenerator()
+    node = module.PainterNetMaskGenerator
     seg = torch.from_numpy(_object(33, 47))
-    (single,) = node.generate(seg, "segmentation", 0)
+    (single,) = node.execute(seg, "segmentation", 0)
     assert single.shape == (1, 33, 47)
     assert torch.equal(single[0], seg)
-    (box,) = node.generate(seg, "box", 5, box_expand_min=0.0, box_expand_max=0.0)
+    (box,) = node.execute(seg, "box", 5, box_expand_min=0.0, box_expand_max=0.0)
     ys, xs = np.nonzero(seg.numpy())
     assert int(box.sum()) == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
-    (mix,) = node.generate(torch.stack([seg] * 6), "paper_mix", 7)
+    (mix,) = node.execute(torch.stack([seg] * 6), "paper_mix", 7)
     assert mix.shape == (6, 33, 47)
 
     inputs = module.PainterNetMaskGenerator.INPUT_TYPES()
-    assert inputs["required"]["mode"][0] == list(masks.MASK_MODES)
+    assert inputs["required"]["mode"][1]["options"] == list(masks.MASK_MODES)
     assert inputs["required"]["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF
     assert inputs["required"]["seed"][1]["control_after_generate"] is True
     for group in inputs.values():
@@ -378,23 +378,23 @@ def test_node_modes_shapes_and_widgets():
             assert spec[1].get("tooltip"), f"input {name} has no tooltip"
     # every optional widget is a keyword of the function with the same default
     import inspect
-    signature = inspect.signature(module.PainterNetMaskGenerator.generate)
+    signature = inspect.signature(module.PainterNetMaskGenerator.execute)
     for name, spec in inputs["optional"].items():
         assert signature.parameters[name].default == spec[1]["default"], name
-    assert module.NODE_CLASS_MAPPINGS == {"PainterNetMaskGenerator": module.PainterNetMaskGenerator}
-    assert "PainterNetMaskGenerator" in module.NODE_DISPLAY_NAME_MAPPINGS
+    assert module.NODES == [module.PainterNetMaskGenerator]
+    assert module.PainterNetMaskGenerator.GET_SCHEMA().display_name == "PainterNet Mask Generator"
     assert module.PainterNetMaskGenerator.CATEGORY == "inpaint/PainterNet"
 
 
 def test_node_rejects_bad_input():
     module = _load_mask_nodes()
-    node = module.PainterNetMaskGenerator()
+    node = module.PainterNetMaskGenerator
     with pytest.raises(ValueError, match=r"\(B, H, W\) or \(H, W\), got \(1, 1, 4, 4\)"):
-        node.generate(torch.zeros(1, 1, 4, 4), "box", 0)
-    with pytest.raises(ValueError, match=r"unknown mode 'blob'"):
-        node.generate(torch.zeros(1, 4, 4), "blob", 0)
+        node.execute(torch.zeros(1, 1, 4, 4), "box", 0)
+    with pytest.raises(ValueError, match=r"PainterNetMaskGenerator: input mode='blob' is not one of \['segmentation'"):
+        node.execute(torch.zeros(1, 4, 4), "blob", 0)
     with pytest.raises(ValueError, match=r"box_expand|expand"):
-        node.generate(torch.zeros(1, 4, 4), "box", 0, box_expand_min=0.5, box_expand_max=0.1)
+        node.execute(torch.zeros(1, 4, 4), "box", 0, box_expand_min=0.5, box_expand_max=0.1)
 
 
 MAXED = masks.IrregularMaskParams(dilation_scale=10.0, strokes=(64, 64), segments=(64, 64), length=(2.0, 2.0),
@@ -443,10 +443,10 @@ def test_node_polls_the_interrupt_inside_one_item(monkeypatch):
 
     from harness.comfy_helpers import pack_module
 
-    monkeypatch.setattr(pack_module("nodes.limits"), "interrupt_poll", lambda: poll)  # imported at call time
+    monkeypatch.setattr(pack_module("nodes.mask_nodes"), "interrupt_poll", lambda: poll)
     seg = torch.zeros(1, 256, 256)
     seg[:, 100:120, 100:140] = 1.0
     with pytest.raises(Interrupted):
-        module.PainterNetMaskGenerator().generate(seg, "irregular", 3, dilation_scale=0.0, strokes_min=2,
-                                                  strokes_max=2, segments_min=5, segments_max=5, width_max=0.05)
+        module.PainterNetMaskGenerator.execute(seg, "irregular", 3, dilation_scale=0.0, strokes_min=2,
+                                                   strokes_max=2, segments_min=5, segments_max=5, width_max=0.05)
     assert len(polls) == 3

@@ -190,14 +190,14 @@ def test_apply_latent_keeps_the_unmasked_area_through_a_plain_sampler(tmp_path):
     branch_name = os.path.basename(branch_file("sd15", "tiny-sd15-320-branch.safetensors"))
     folder_paths.add_model_folder_path("painternet", MODELS)
     mappings = load_pack()
-    (painternet,) = mappings["PainterNetLoader"]().load(branch_name, "fp32")
+    (painternet,) = mappings["PainterNetLoader"].execute(branch_name, "fp32")
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 8:40] = 1.0
     g = torch.Generator().manual_seed(1)
     positive = [[torch.randn(1, 77, 768, generator=g), {}]]
     negative = [[torch.randn(1, 77, 768, generator=g), {}]]
-    patched, positive, negative, latent = mappings["PainterNetApply"]().apply(
+    patched, positive, negative, latent = mappings["PainterNetApply"].execute(
         model, vae, image, mask, painternet, positive, negative, 1.0, 0.0, 1.0)
     assert torch.equal(latent["noise_mask"].reshape(1, 64, 64), mask)
     samples = latent["samples"]

@@ -23,7 +23,7 @@ def load_with_loader_node(tmp_path, name: str, branch: PainterNetBranch):
     folder.mkdir(exist_ok=True)
     save_branch(str(folder / name), branch.state_dict(), branch.config)
     folder_paths.add_model_folder_path("painternet", str(folder))
-    (painternet,) = load_pack()["PainterNetLoader"]().load(name, "fp32")
+    (painternet,) = load_pack()["PainterNetLoader"].execute(name, "fp32")
     return painternet
 
 

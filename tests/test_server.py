@@ -56,7 +56,7 @@ def test_object_info_lists_the_nodes(server):
     for node in ("PainterNetLoader", "PainterNetApply", "PainterNetMaskGenerator"):
         assert node in info
         assert info[node]["category"] == "inpaint/PainterNet"
-    assert "tiny-sd15-branch.safetensors" in info["PainterNetLoader"]["input"]["required"]["painternet_name"][0]
+    assert "tiny-sd15-branch.safetensors" in info["PainterNetLoader"]["input"]["required"]["painternet_name"][1]["options"]
 
 
 def test_inpaint_workflow_saves_an_image(server):

@@ -240,15 +240,15 @@ def test_node_returns_batched_mask_and_temp_preview(tmp_path: Path) -> None:
     try:
         image = torch.rand(2, 10, 20, 3)
         text = shapes.shapes_to_json([Box(0.1, 0.2, 0.3, 0.5)])
-        out = module.PainterNetBoxMask().draw(image, text, False)
+        out = module.PainterNetBoxMask.execute(image, text, False)
     finally:
         folder_paths.set_temp_directory(previous)
-    (mask,) = out["result"]
+    (mask,) = out.result
     assert mask.shape == (2, 10, 20) and mask.dtype == torch.float32
     expected = torch.zeros(10, 20)
     expected[2:7, 2:8] = 1
     assert torch.equal(mask[0], expected) and torch.equal(mask[1], expected)
-    (preview,) = out["ui"]["images"]
+    (preview,) = out.ui["images"]
     assert preview["type"] == "temp" and preview["filename"].endswith(".png")
     saved = tmp_path / preview["subfolder"] / preview["filename"]
     assert saved.is_file()
@@ -261,12 +261,12 @@ def test_node_returns_batched_mask_and_temp_preview(tmp_path: Path) -> None:
 
 
 def test_node_rejects_non_image_and_bad_shapes() -> None:
-    node = _load_box_mask_nodes().PainterNetBoxMask()
+    node = _load_box_mask_nodes().PainterNetBoxMask
     with pytest.raises(ValueError, match="PainterNetBoxMask: image must be an IMAGE tensor"):
-        node.draw(torch.zeros(10, 20), "", False)
+        node.execute(torch.zeros(10, 20), "", False)
     with pytest.raises(ValueError, match=r"PainterNetBoxMask: image batch is empty \(shape \(0, 4, 4, 3\)\)"):
-        node.draw(torch.zeros(0, 4, 4, 3), "", False)
+        node.execute(torch.zeros(0, 4, 4, 3), "", False)
     with pytest.raises(ValueError, match="PainterNetBoxMask: image has 5 channels .* expected 1, 3 or 4"):
-        node.draw(torch.zeros(1, 4, 4, 5), "", False)
+        node.execute(torch.zeros(1, 4, 4, 5), "", False)
     with pytest.raises(ValueError, match="not valid JSON"):
-        node.draw(torch.zeros(1, 4, 4, 3), "{", False)
+        node.execute(torch.zeros(1, 4, 4, 3), "{", False)

@@ -285,7 +285,7 @@ def test_export_runs_in_comfyui_like_in_the_trainer(sd15_run, tmp_path):
     folder.mkdir()
     shutil.copy(out / "painternet.safetensors", folder / "trained-tiny.safetensors")
     folder_paths.add_model_folder_path("painternet", str(folder))
-    (painternet,) = load_pack()["PainterNetLoader"]().load("trained-tiny.safetensors", "fp32")
+    (painternet,) = load_pack()["PainterNetLoader"].execute("trained-tiny.safetensors", "fp32")
     unet = result.base.unet.float()
     model = comfy_model_from_diffusers(unet, "sd15")
     generator = torch.Generator().manual_seed(1)

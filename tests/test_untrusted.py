@@ -208,6 +208,22 @@ BAD_CONFIGS = [
 ]
 
 
+HUGE_CONFIG_INTS = [("masked_fill", tiny_config() | {"masked_fill": 10**400}),
+                    ("unet.norm_eps", tiny_config(norm_eps=10**400)),
+                    ("unet.freq_shift", tiny_config(freq_shift=10**400))]
+
+
+@pytest.mark.parametrize("field, config", HUGE_CONFIG_INTS, ids=[c[0] for c in HUGE_CONFIG_INTS])
+def test_401_digit_config_ints_name_the_file_and_field(tmp_path, field, config):
+    """Issue 21 item 5: a 401-digit int in a branch file's config raised a raw OverflowError naming nothing."""
+    path = config_file(tmp_path / "huge-int.safetensors", json.dumps(config))
+    with pytest.raises(ValueError) as err:
+        checkpoint.inspect_branch(path)
+    message = str(err.value)
+    assert "huge-int.safetensors" in message and f"painternet_config {field}=1000" in message, message
+    assert "must be a finite number in [" in message
+
+
 @pytest.mark.parametrize("case, text, message", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
 def test_bad_stored_config_is_refused_before_building(tmp_path, case, text, message):
     path = config_file(tmp_path / f"{case}.safetensors", text)
@@ -467,7 +483,7 @@ def node_classes():
 def test_mask_generator_refuses_linked_values_outside_its_ranges(node_classes, node, kwargs, message):
     args = {"mask": torch.ones(1, 8, 8), "mode": "irregular", "seed": 0} | kwargs
     with pytest.raises(ValueError, match=message):
-        node_classes[node]().generate(**args)
+        node_classes[node].execute(**args)
 
 
 @pytest.mark.parametrize("scale, message", [(float("nan"), "scale=nan must be a finite number"),
@@ -476,18 +492,46 @@ def test_mask_generator_refuses_linked_values_outside_its_ranges(node_classes, n
                                             (11.0, r"scale=11.0 is outside")])
 def test_apply_refuses_nan_and_out_of_range_scale(node_classes, scale, message):
     with pytest.raises(ValueError, match=message):
-        node_classes["PainterNetApply"]().apply(None, None, None, None, None, None, None, scale, 0.0, 1.0)
+        node_classes["PainterNetApply"].execute(None, None, None, None, None, None, None, scale, 0.0, 1.0)
     with pytest.raises(ValueError, match=r"end_percent=nan"):
-        node_classes["PainterNetApply"]().apply(None, None, None, None, None, None, None, 1.0, 0.0, float("nan"))
+        node_classes["PainterNetApply"].execute(None, None, None, None, None, None, None, 1.0, 0.0, float("nan"))
 
 
 def test_loader_and_box_mask_refuse_values_of_the_wrong_kind(node_classes):
-    with pytest.raises(ValueError, match=r"dtype='fp64' is not one of"):
-        node_classes["PainterNetLoader"]().load("x.safetensors", "fp64")
+    # ComfyUI 0.3.75 does not check a V3 combo's value against its options at all: the node does.
+    with pytest.raises(ValueError, match=r"^PainterNetLoader: input painternet_name='x.safetensors' is not one of"):
+        node_classes["PainterNetLoader"].execute("x.safetensors", "fp16")
     with pytest.raises(ValueError, match=r"invert='yes' must be true or false"):
-        node_classes["PainterNetBoxMask"]().draw(torch.zeros(1, 4, 4, 3), "", "yes")
+        node_classes["PainterNetBoxMask"].execute(torch.zeros(1, 4, 4, 3), "", "yes")
     with pytest.raises(ValueError, match=r"shapes=5 must be a string"):
-        node_classes["PainterNetBoxMask"]().draw(torch.zeros(1, 4, 4, 3), 5, False)
+        node_classes["PainterNetBoxMask"].execute(torch.zeros(1, 4, 4, 3), 5, False)
+
+
+HUGE_LINKED = [
+    ("PainterNetApply", {"scale": 10**400}, "scale"),
+    ("PainterNetMaskGenerator", {"seed": 10**400}, "seed"),
+    ("PainterNetMaskGenerator", {"box_expand_max": 10**400}, "box_expand_max"),
+    ("PainterNetMaskGenerator", {"strokes_max": 10**400}, "strokes_max"),
+    ("PainterNetCrop", {"context": 10**400}, "context"),
+    ("PainterNetCrop", {"grow": -10**5000}, "grow"),  # past Python's 4300-digit str() limit: never printed whole
+]
+
+
+@pytest.mark.parametrize("node, kwargs, field", HUGE_LINKED, ids=[f"{n}-{f}" for n, _, f in HUGE_LINKED])
+def test_huge_linked_ints_are_refused_naming_node_and_field(node_classes, node, kwargs, field):
+    """Issue 21 item 5: a linked 10**400 raised a raw OverflowError (math.isfinite on an int) naming nothing."""
+    base = {
+        "PainterNetApply": dict(model=None, vae=None, image=None, mask=None, painternet=None, positive=None,
+                                negative=None, scale=1.0, start_percent=0.0, end_percent=1.0),
+        "PainterNetMaskGenerator": dict(mask=torch.ones(1, 8, 8), mode="irregular", seed=0),
+        "PainterNetCrop": dict(image=torch.rand(1, 32, 32, 3), mask=torch.ones(1, 32, 32), resolution=64,
+                               context=0.5, grow=4, feather=4),
+    }[node]
+    with pytest.raises(ValueError) as err:
+        node_classes[node].execute(**(base | kwargs))
+    message = str(err.value)
+    assert message.startswith(f"{node}: input {field}=") and "is outside [" in message, message
+    assert len(message) < 500
 
 
 @pytest.fixture
@@ -508,14 +552,14 @@ def test_mask_nodes_honour_interrupt_while_working(node_classes, interrupt, tmp_
 
     interrupt()
     with pytest.raises(InterruptProcessingException):
-        node_classes["PainterNetMaskGenerator"]().generate(torch.ones(3, 16, 16), "irregular", 0)
+        node_classes["PainterNetMaskGenerator"].execute(torch.ones(3, 16, 16), "irregular", 0)
     interrupt()
     text = json.dumps([_stroke([[0.1, 0.1], [0.9, 0.9]])])
     with pytest.raises(InterruptProcessingException):
-        node_classes["PainterNetBoxMask"]().draw(torch.zeros(1, 16, 16, 3), text, False)
+        node_classes["PainterNetBoxMask"].execute(torch.zeros(1, 16, 16, 3), text, False)
     # Once the interrupt is consumed, the same calls work.
     try:
-        assert node_classes["PainterNetBoxMask"]().draw(torch.zeros(1, 16, 16, 3), text, False)["result"][0].any()
+        assert node_classes["PainterNetBoxMask"].execute(torch.zeros(1, 16, 16, 3), text, False).result[0].any()
     finally:
         folder_paths.set_temp_directory(previous)
 
