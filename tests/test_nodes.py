@@ -78,6 +78,26 @@ def test_pack_loads_like_comfyui_loads_it():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
 
 
+def test_comfyui_registers_the_v3_nodes_through_comfy_entrypoint():
+    """The pack exports no NODE_CLASS_MAPPINGS (ComfyUI would take that V1 path first): ComfyUI's loader awaits
+    `comfy_entrypoint`, and every node it registered from the pack is a V3 io.ComfyNode with no V1 declaration."""
+    import sys
+
+    from comfy_api.v0_0_2 import io
+    from harness.comfy_helpers import _pack_module_name
+
+    mappings = load_pack()
+    pack = sys.modules[_pack_module_name()]
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and callable(pack.comfy_entrypoint)
+    ours = {name: cls for name, cls in mappings.items()
+            if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == "custom_nodes.ComfyUI-PainterNet"}
+    assert set(ours) == {cls.GET_SCHEMA().node_id for cls in pack_module("nodes").NODES}
+    assert {"PainterNetLoader", "PainterNetApply", "PainterNetMaskGenerator", "PainterNetBoxMask", "PainterNetCrop",
+            "PainterNetStitch"} <= set(ours)
+    for name, cls in ours.items():
+        assert issubclass(cls, io.ComfyNode) and "INPUT_TYPES" not in vars(cls) and "FUNCTION" not in vars(cls), name
+
+
 def test_image_batch_that_does_not_divide_the_latent_batch_is_refused(tmp_path):
     """Two images against three latents per chunk: ComfyUI's broadcast would repeat them (0, 1, 0) silently."""
     _, painternet, model = _tiny("sd15", tmp_path)
