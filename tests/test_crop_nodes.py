@@ -41,7 +41,7 @@ def test_nodes_are_registered_with_tooltips():
     inputs = mappings["PainterNetCrop"].INPUT_TYPES()
     assert list(inputs["required"]) == ["image", "mask", "resolution", "context", "grow", "feather"]
     assert "painternet" in inputs["optional"]
-    assert mappings["PainterNetCrop"].RETURN_TYPES == ("IMAGE", "MASK", "PAINTERNET_STITCH")
+    assert list(mappings["PainterNetCrop"].RETURN_TYPES) == ["IMAGE", "MASK", "PAINTERNET_STITCH"]
     assert list(mappings["PainterNetStitch"].INPUT_TYPES()["required"]) == ["stitch", "image", "blend",
                                                                             "color_match"]
 

@@ -60,3 +60,21 @@ def test_registry_metadata_and_icon():
     assert os.path.isfile(icon), f"Icon URL {comfy['Icon']} names no file of the repository"
     with Image.open(icon) as img:
         assert img.format == "PNG" and img.size[0] == img.size[1] and 64 <= img.size[0] <= 400, (img.format, img.size)
+
+
+def test_registry_names_the_frontend_and_devices_the_pack_supports():
+    """The frontend floor is one the ComfyUI the pack requires really ships (its requirements pin), so the registry
+    never offers the pack to a ComfyUI whose own frontend it refuses; OS and accelerator classifiers are present."""
+    from conftest import COMFYUI_PATH
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)["project"]
+    (frontend,) = [d for d in project["dependencies"] if d.startswith("comfyui-frontend-package")]
+    floor = tuple(int(x) for x in re.fullmatch(r"comfyui-frontend-package>=(\d+)\.(\d+)\.(\d+)", frontend).groups())
+    with open(os.path.join(COMFYUI_PATH, "requirements.txt"), encoding="utf-8") as fh:
+        pinned = re.search(r"(?m)^comfyui-frontend-package==(\d+)\.(\d+)\.(\d+)$", fh.read())
+    assert pinned, "ComfyUI no longer pins its frontend in requirements.txt"
+    assert floor <= tuple(int(x) for x in pinned.groups()), (frontend, pinned.group(0))
+    classifiers = project["classifiers"]
+    assert any(c.startswith("Operating System ::") for c in classifiers)
+    assert any(c.startswith("Environment :: GPU ::") for c in classifiers)
