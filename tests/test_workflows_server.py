@@ -115,3 +115,18 @@ def test_workflow_saved_with_the_v1_nodes_loads_and_runs(server):
     for node, values in expected.items():
         assert {k: by_type[node][k] for k in values} == values, node
     assert run_and_check_the_hole(server, graph).shape == (HEIGHT, WIDTH, 3)
+
+
+def test_server_serves_the_node_help_and_the_locales_where_the_frontend_reads_them(server):
+    """The frontend's node-help panel fetches /extensions/<pack>/docs/<node>.md (its pictures relative to it) and
+    its translations from /i18n: both answer from the pack's files."""
+    import requests
+
+    base = f"{server.url}/extensions/ComfyUI-PainterNet/docs"
+    page = requests.get(f"{base}/PainterNetApply.md", timeout=30)
+    assert page.status_code == 200 and page.text.startswith("# Apply PainterNet"), page.status_code
+    picture = requests.get(f"{base}/crop_box.png", timeout=30)
+    assert picture.status_code == 200 and picture.content[:8] == b"\x89PNG\r\n\x1a\n"
+    i18n = requests.get(f"{server.url}/i18n", timeout=30).json()
+    assert i18n["zh"]["nodeDefs"]["PainterNetApply"]["display_name"] == "应用 PainterNet"
+    assert i18n["en"]["nodeDefs"]["PainterNetCrop"]["inputs"]["feather"]["tooltip"]
