@@ -221,7 +221,7 @@ def test_401_digit_config_ints_name_the_file_and_field(tmp_path, field, config):
         checkpoint.inspect_branch(path)
     message = str(err.value)
     assert "huge-int.safetensors" in message and f"painternet_config {field}=1000" in message, message
-    assert "must be a finite number in [" in message
+    assert len(message) < 800  # the 401 digits are quoted cut to 200 characters
 
 
 @pytest.mark.parametrize("case, text, message", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
