@@ -524,6 +524,13 @@ def test_branch_generator_runs_the_reference_pipeline_and_keeps_the_source_outsi
     assert np.array_equal(out[hole], want[hole])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "generated" / "a.png")), out)
     assert np.array_equal(np.asarray(generator.generate(item)), out)  # seeded: the same image every time
+    # Ids from a shared manifest name the saved files: hostile ones stay inside --save_generated (issue 21).
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for hostile in ["../victim/payload", "/abs/x", "a\x00b", "k" * 600]:
+        generator.generate(evaluate.BenchItem(hostile, item.image_path, item.mask_path, "a red car"))
+    saved = sorted((tmp_path / "generated").iterdir())
+    assert len(saved) == 5 and not list(victim.iterdir()) and all(p.suffix == ".png" for p in saved)
     global_prompt = evaluate.BranchGenerator(branch_files / "branch.safetensors", branch_files / "base", steps=2,
                                              seed=3, prompt="global", resolution=64)
     assert not np.array_equal(np.asarray(global_prompt.generate(item))[hole], out[hole])

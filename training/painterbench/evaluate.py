@@ -37,6 +37,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as `python training/painterbench/evaluate.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from training.output_names import OutputNames, safe_stem  # noqa: E402
 from training.painterbench.metrics import (  # noqa: E402
     PSNR_CAP_DB,
     AestheticScorer,
@@ -221,8 +222,9 @@ class Generator(Protocol):
 
 
 class FolderGenerator:
-    """Already generated images in a folder, matched to an item by ``<id>.<ext>`` first, then by the source image's
-    file name (``<name>`` or ``<stem>.<ext>``); ext is one of png, jpg, jpeg, webp, bmp."""
+    """Already generated images in a folder, matched to an item by ``<id>.<ext>`` first (or the safe file name
+    ``--save_generated`` gives an id with unsafe characters, see ``training.output_names``), then by the source
+    image's file name (``<name>`` or ``<stem>.<ext>``); ext is one of png, jpg, jpeg, webp, bmp."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).expanduser()
@@ -235,7 +237,7 @@ class FolderGenerator:
                 self._by_stem.setdefault(path.stem, path)
 
     def find(self, item: BenchItem) -> Path:
-        for stem in (item.id, item.image_path.stem):
+        for stem in (item.id, safe_stem(item.id), item.image_path.stem):
             if stem in self._by_stem:
                 return self._by_stem[stem]
         if item.image_path.name in self._by_name:
@@ -316,6 +318,7 @@ class BranchGenerator:
         self.steps, self.guidance_scale, self.scale, self.seed = steps, guidance_scale, scale, seed
         self.prompt = prompt if prompt != "auto" else ("local" if config.source_format == "painternet" else "global")
         self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.names = OutputNames(self.save_dir) if self.save_dir is not None else None
         if self.save_dir is not None:
             self.save_dir.mkdir(parents=True, exist_ok=True)
 
@@ -343,8 +346,8 @@ class BranchGenerator:
             generated = generated.resize(source.size, Image.LANCZOS)
         result = np.where(mask[:, :, None] > 0.5, np.asarray(generated), np.asarray(source))
         image_out = Image.fromarray(result.astype(np.uint8))
-        if self.save_dir is not None:
-            image_out.save(self.save_dir / f"{item.id}.png")
+        if self.names is not None:
+            image_out.save(self.names.path(item.id, ".png"))
         return image_out
 
 
@@ -624,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate at about RESOLUTION² pixels, aspect kept (default 512 SD1.5, 1024 SDXL; 0 = "
                           "each item's own size)")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="generation weights dtype")
-    gen.add_argument("--save_generated", help="also write the generated images here as <id>.png")
+    gen.add_argument("--save_generated", help="also write the generated images here as <id>.png (ids with unsafe "
+                                              "characters get a safe name; colliding names are refused up front)")
     parser.add_argument("--device", default="cpu", help="torch device for the models, e.g. cuda or cuda:1")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return parser
@@ -660,6 +664,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--aesthetic_head needs CLIP ViT-L/14: pass --aesthetic_clip (or --clip)")
     try:
         items = read_manifest(args.manifest)
+        if args.save_generated:
+            planned = OutputNames(args.save_generated)
+            for item in items:  # a collision is refused before anything is generated or written
+                planned.path(item.id, ".png")
         generator: Generator
         if args.branch:
             generator = BranchGenerator(args.branch, args.base, single_file_config=args.single_file_config,

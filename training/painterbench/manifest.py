@@ -18,15 +18,19 @@ Sources:
   with "/" in the key replaced by "_"); the shard's ``.caption``
   becomes the global prompt.
 
-Output folder: ``images/<id><ext>`` (source bytes copied), ``segmentations/<id>.png``, ``masks/<id>.png``
-(0/255, 255 = region to generate) and ``manifest.jsonl`` with ``id, image, mask, segmentation, mask_mode,
-local_prompt, global_prompt, category``.
+Output folder: ``images/<id><ext>`` (source bytes copied; ``ext`` from the image's own format, never from the
+source file name), ``segmentations/<id>.png``, ``masks/<id>.png`` (0/255, 255 = region to generate) and
+``manifest.jsonl`` with ``id, image, mask, segmentation, mask_mode, local_prompt, global_prompt, category``.
+
+Ids come from shared files, so they are hostile input: file names are made from them by ``training.output_names``
+(one path component of safe characters, a hash of the original when it had to change; names that still collide are
+refused), every path is checked to stay inside ``--out_dir``, and every item is validated and named before the first
+file is written, so a refused source leaves nothing behind. The manifest keeps the original id.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import logging
 import shutil
@@ -42,8 +46,10 @@ if __package__ in (None, ""):  # run as `python training/painterbench/manifest.p
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from painternet_core.masks import MASK_KINDS, generate_mask  # noqa: E402
-from training.painterdata.shards import (LOCAL_CAPTION, decode_segmentation, iter_shard, list_shards,  # noqa: E402
-                                         local_captions)
+from training.output_names import OutputNames  # noqa: E402
+from training.painterdata.shards import (LOCAL_CAPTION, MAX_MEMBER_BYTES, DamagedShard,  # noqa: E402
+                                         MalformedSample, SampleGuard, decode_image, decode_segmentation,
+                                         image_header, iter_shard, list_shards, local_captions, member_caption)
 
 logger = logging.getLogger("painternet.training")
 
@@ -78,9 +84,11 @@ def assign_mask_modes(categories: Sequence[str], seed: int) -> list[str]:
     return modes
 
 
-def _read_mask_png(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return (np.asarray(image.convert("L")) > 0).astype(np.float32)
+def _read_file(path: Path, where: str) -> bytes:
+    size = path.stat().st_size
+    if size > MAX_MEMBER_BYTES:
+        raise ValueError(f"{where}: {str(path)!r} is {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit")
+    return path.read_bytes()
 
 
 def read_source_manifest(path: str | Path) -> list[SourceItem]:
@@ -92,7 +100,18 @@ def read_source_manifest(path: str | Path) -> list[SourceItem]:
         with source.open(encoding="utf-8", newline="") as handle:
             records = list(csv.DictReader(handle))
     elif source.suffix.lower() in (".jsonl", ".json"):
-        records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as error:
+                raise ValueError(f"{source}:{number} is not usable JSON ({type(error).__name__}); write one object "
+                                 "per line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{source}:{number} is a {type(record).__name__}, not a JSON object")
+            records.append(record)
     else:
         raise ValueError(f"source manifest {str(source)!r} has suffix {source.suffix!r}; use .jsonl or .csv")
     items = []
@@ -103,50 +122,68 @@ def read_source_manifest(path: str | Path) -> list[SourceItem]:
                              "segmentation (mask PNG) and local_prompt")
         image_path = (source.parent / record["image"]).resolve()
         seg_path = (source.parent / record["segmentation"]).resolve()
+        where = f"{source} record {number}"
         for file, key in ((image_path, "image"), (seg_path, "segmentation")):
             if not file.is_file():
-                raise ValueError(f"{source} record {number}: {key} {str(file)!r} does not exist")
-        items.append(SourceItem(id=str(record.get("id") or image_path.stem), image_bytes=image_path.read_bytes(),
-                                image_suffix=image_path.suffix.lower() or ".png",
-                                segmentation=_read_mask_png(seg_path), local_prompt=str(record["local_prompt"]),
+                raise ValueError(f"{where}: {key} {str(file)!r} does not exist")
+        image_bytes = _read_file(image_path, where)
+        try:
+            suffix = _image_suffix(image_bytes)
+            segmentation = (decode_image(_read_file(seg_path, where), mode="L") > 0).astype(np.float32)
+        except MalformedSample as error:
+            raise ValueError(f"{where}: {error} ({str(image_path)!r} / {str(seg_path)!r}); the image and the "
+                             "segmentation must be image files") from None
+        items.append(SourceItem(id=str(record.get("id") or image_path.stem), image_bytes=image_bytes,
+                                image_suffix=suffix, segmentation=segmentation,
+                                local_prompt=str(record["local_prompt"]),
                                 global_prompt=str(record.get("global_prompt") or ""),
                                 category=str(record.get("category") or "")))
     return items
 
 
 def _image_suffix(payload: bytes) -> str:
-    with Image.open(io.BytesIO(payload)) as image:
-        return {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}.get(image.format or "", ".png")
+    """The file suffix of image bytes, from their format (a source file named ``x.bashrc`` holding a PNG is a .png;
+    one holding a shell line is refused)."""
+    fmt = image_header(payload)[0]
+    return {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}.get(fmt) or ".png"
 
 
 def read_painterdata_shards(paths: Sequence[str | Path], seed: int, min_area: float = 0.0) -> Iterator[SourceItem]:
     """One item per shard sample that has an object with a kept local caption covering >= ``min_area`` of the image
     (chosen with ``default_rng([seed, sample number])`` when several qualify)."""
     number = 0
+    guard = SampleGuard()
     for shard in list_shards(paths):
-        for sample in iter_shard(shard):
-            number += 1
-            key = sample.key
-            by_ext = sample.by_ext()
-            if not {"image", "segmentation", LOCAL_CAPTION} <= set(by_ext):
-                continue
-            try:
-                with Image.open(io.BytesIO(by_ext["image"])) as image:
-                    width, height = image.size
-                masks = decode_segmentation(by_ext["segmentation"], height, width)
-                captions = local_captions(by_ext[LOCAL_CAPTION], len(masks))
-            except (ValueError, OSError) as error:
-                logger.warning("%s/%s is malformed (%s); skipped", Path(shard).name, key, error)
-                continue
-            usable = [i for i, (mask, caption) in enumerate(zip(masks, captions))
-                      if caption and float(mask.mean()) >= min_area and mask.any()]
-            if not usable:
-                continue
-            chosen = usable[int(np.random.default_rng([seed, number]).integers(len(usable)))]
-            global_prompt = by_ext.get("caption", b"").decode("utf-8", errors="replace").strip()
-            yield SourceItem(id=f"{key.replace('/', '_')}_{chosen}", image_bytes=by_ext["image"],
-                             image_suffix=_image_suffix(by_ext["image"]), segmentation=masks[chosen],
-                             local_prompt=str(captions[chosen]), global_prompt=global_prompt)
+        name = Path(shard).name
+        try:
+            for sample in iter_shard(shard):
+                number += 1
+                item = guard.run(name, sample.key, lambda: _shard_item(sample.key, sample.by_ext(), seed, number,
+                                                                      min_area))
+                if item is not None:
+                    yield item
+        except DamagedShard as error:
+            guard.skip(name, error.key or "<shard>", error)
+    if guard.counts:
+        logger.info("shards: skipped %s", dict(guard.counts))
+
+
+def _shard_item(key: str, by_ext: dict[str, bytes], seed: int, number: int, min_area: float) -> SourceItem | None:
+    """The item of one shard sample, None when it has no usable captioned object (raises when it is malformed)."""
+    if not {"image", "segmentation", LOCAL_CAPTION} <= set(by_ext):
+        return None
+    suffix = _image_suffix(by_ext["image"])
+    _, width, height = image_header(by_ext["image"])
+    masks = decode_segmentation(by_ext["segmentation"], height, width)
+    captions = local_captions(by_ext[LOCAL_CAPTION], len(masks))
+    usable = [i for i, (mask, caption) in enumerate(zip(masks, captions))
+              if caption and float(mask.mean()) >= min_area and mask.any()]
+    if not usable:
+        return None
+    chosen = usable[int(np.random.default_rng([seed, number]).integers(len(usable)))]
+    global_prompt = member_caption(by_ext["caption"]) if "caption" in by_ext else ""
+    return SourceItem(id=f"{key.replace('/', '_')}_{chosen}", image_bytes=by_ext["image"], image_suffix=suffix,
+                      segmentation=masks[chosen], local_prompt=str(captions[chosen]), global_prompt=global_prompt)
 
 
 def _save_mask(mask: np.ndarray, path: Path) -> None:
@@ -163,23 +200,26 @@ def build_benchmark(items: Sequence[SourceItem], out_dir: str | Path, seed: int 
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"source repeats id {duplicate!r}; ids name the output files and must be unique")
     out = Path(out_dir)
+    names = OutputNames(out)
+    files = [(names.path(item.id, item.image_suffix, "images"), names.path(item.id, ".png", "masks"),
+              names.path(item.id, ".png", "segmentations")) for item in items]  # every refusal before any write
     for sub in ("images", "masks", "segmentations"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     modes = assign_mask_modes([item.category for item in items], seed)
     manifest = out / "manifest.jsonl"
     temp = out / ".manifest.jsonl.tmp"
     with temp.open("w", encoding="utf-8") as handle:
-        for index, (item, mode) in enumerate(zip(items, modes)):
+        for index, (item, mode, (image_path, mask_path, seg_path)) in enumerate(zip(items, modes, files)):
             mask = generate_mask(item.segmentation, mode, np.random.default_rng([seed, index]))
             if not (mask >= 0.5).any():
-                logger.warning("item %s: empty %s mask (empty segmentation); skipped", item.id, mode)
+                logger.warning("item %r: empty %s mask (empty segmentation); skipped", item.id[:200], mode)
                 continue
-            image_name = f"images/{item.id}{item.image_suffix}"
-            (out / image_name).write_bytes(item.image_bytes)
-            _save_mask(mask, out / f"masks/{item.id}.png")
-            _save_mask(item.segmentation, out / f"segmentations/{item.id}.png")
-            handle.write(json.dumps({"id": item.id, "image": image_name, "mask": f"masks/{item.id}.png",
-                                     "segmentation": f"segmentations/{item.id}.png", "mask_mode": mode,
+            image_path.write_bytes(item.image_bytes)
+            _save_mask(mask, mask_path)
+            _save_mask(item.segmentation, seg_path)
+            handle.write(json.dumps({"id": item.id, "image": f"images/{image_path.name}",
+                                     "mask": f"masks/{mask_path.name}",
+                                     "segmentation": f"segmentations/{seg_path.name}", "mask_mode": mode,
                                      "local_prompt": item.local_prompt, "global_prompt": item.global_prompt,
                                      "category": item.category}, ensure_ascii=False) + "\n")
     shutil.move(str(temp), str(manifest))

@@ -15,6 +15,13 @@ Output: new webdataset shards with every input member copied byte for byte plus
 Resumable: an output shard is written to a hidden temp file and renamed into place when complete, so an existing
 output shard is complete and is skipped on the next run; stale temp files are removed.
 
+Bad input costs only itself (the shared ``SampleGuard`` of ``training.painterdata.shards``): a sample whose image,
+sizes or segmentation cannot be decoded within the shard format's bounds is copied unchanged without local-caption
+members, logged with shard + key + reason and counted (``malformed``); a member over the member size limit was never
+read and is left out of the copy; a shard truncated or corrupt inside a sample keeps every sample before the damage,
+drops the damaged one (``truncated``) and is still written, so a rerun does not stop at it again. Output shards keep
+their input file names, made safe by ``training.output_names``; two inputs with one output name are refused.
+
 Usage::
 
     python training/painterdata/captions.py --shards data/brushdata/ --out_dir data/painterdata/ \\
@@ -38,8 +45,10 @@ from PIL import Image
 if __package__ in (None, ""):  # run as `python training/painterdata/captions.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from training.output_names import OutputNames  # noqa: E402
 from training.painterbench.metrics import ClipScorer, crop_mask_region  # noqa: E402
-from training.painterdata.shards import (LOCAL_CAPTION, LOCAL_CAPTION_META, decode_segmentation,  # noqa: E402
+from training.painterdata.shards import (LOCAL_CAPTION, LOCAL_CAPTION_META, DamagedShard,  # noqa: E402
+                                         MalformedSample, SampleGuard, ShardSample, decode_image, decode_segmentation,
                                          iter_shard, list_shards, local_caption_members, member_ext, member_int)
 
 logger = logging.getLogger("painternet.training")
@@ -214,6 +223,7 @@ class ShardStats:
     kept: int = 0
     malformed: int = 0
     skipped: bool = False
+    truncated: bool = False
     rejected: list[float] = field(default_factory=list)
 
 
@@ -261,59 +271,73 @@ def _add_member(archive: tarfile.TarFile, name: str, payload: bytes, like: tarfi
 
 
 def process_shard(source: str | Path, out_dir: str | Path, captioner: Captioner, shortener: Shortener | None = None,
-                  clip_filter: ClipCaptionFilter | None = None) -> ShardStats:
+                  clip_filter: ClipCaptionFilter | None = None, names: OutputNames | None = None) -> ShardStats:
     """Caption one shard into ``out_dir/<same name>``; skipped when that file already exists (it is complete: it
     only appears through an atomic rename). Malformed samples (no image, bad segmentation) are copied unchanged
-    without local-caption members and counted."""
+    without local-caption members and counted; see the module docstring for truncated shards. ``names``: the
+    output folder's names when several shards are processed (two inputs with one output name are refused)."""
     source = Path(source)
-    target = Path(out_dir) / source.name
+    names = names if names is not None else OutputNames(out_dir)
+    target = names.path(source.name, owner=str(source.resolve()))
     stats = ShardStats(shard=source.name)
+    guard = SampleGuard()
     if target.exists():
         stats.skipped = True
         logger.info("%s already done; skipped", target)
         return stats
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{source.name}.tmp-*"):
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
         stale.unlink()
-    temp = target.parent / f".{source.name}.tmp-{os.getpid()}"
+    temp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     try:
         with tarfile.open(temp, "w") as archive:
-            for sample in iter_shard(source):
-                stats.samples += 1
-                added = _caption_sample(sample.key, sample.by_ext(), captioner, shortener, clip_filter, stats)
-                for name, payload, info in sample.members:
-                    if member_ext(name) in (LOCAL_CAPTION, LOCAL_CAPTION_META) and added:
-                        continue  # replaced by the fresh captions
-                    _add_member(archive, name, payload, info)
-                for ext, payload in added.items():
-                    _add_member(archive, f"{sample.key}.{ext}", payload, sample.members[0][2])
+            try:
+                for sample in iter_shard(source):
+                    stats.samples += 1
+                    decoded = guard.run(source.name, sample.key, lambda: _decode_sample(sample.by_ext()))
+                    if decoded is None:
+                        stats.malformed += 1
+                        added: dict[str, bytes] = {}
+                    else:
+                        added = _caption_sample(*decoded, captioner, shortener, clip_filter, stats)
+                    _copy_sample(archive, sample, added)
+            except DamagedShard as error:
+                guard.skip(source.name, error.key or "<shard>", error)
+                stats.truncated = True
+                stats.malformed += error.key is not None
         os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    logger.info("%s: %d samples, %d objects, %d captions kept, %d malformed", source.name, stats.samples,
-                stats.objects, stats.kept, stats.malformed)
+    logger.info("%s: %d samples, %d objects, %d captions kept, %d malformed%s", source.name, stats.samples,
+                stats.objects, stats.kept, stats.malformed, " (truncated: the rest of the shard is unreadable)"
+                if stats.truncated else "")
     return stats
 
 
-def _caption_sample(key: str, by_ext: dict[str, bytes], captioner: Captioner, shortener: Shortener | None,
-                    clip_filter: ClipCaptionFilter | None, stats: ShardStats) -> dict[str, bytes]:
+def _copy_sample(archive: tarfile.TarFile, sample: ShardSample, added: dict[str, bytes]) -> None:
+    for name, payload, info in sample.members:
+        if member_ext(name) in (LOCAL_CAPTION, LOCAL_CAPTION_META) and added:
+            continue  # replaced by the fresh captions
+        _add_member(archive, name, payload, info)
+    for ext, payload in added.items():
+        _add_member(archive, f"{sample.key}.{ext}", payload, sample.members[0][2])
+
+
+def _decode_sample(by_ext: dict[str, bytes]) -> tuple[Image.Image, list[np.ndarray]]:
+    """The image and its object masks, within the shard format's bounds (raises on anything else)."""
     if "image" not in by_ext or "segmentation" not in by_ext:
-        stats.malformed += 1
-        logger.warning("sample %s lacks .image or .segmentation; copied without local captions", key)
-        return {}
-    try:
-        with Image.open(io.BytesIO(by_ext["image"])) as opened:
-            image = opened.convert("RGB")
-        height = member_int(by_ext.get("height")) or image.height
-        width = member_int(by_ext.get("width")) or image.width
-        if (height, width) != (image.height, image.width):
-            raise ValueError(f".height/.width {height}x{width} differ from the image's {image.height}x{image.width}")
-        masks = decode_segmentation(by_ext["segmentation"], height, width)
-    except (ValueError, OSError) as error:  # json.JSONDecodeError and PIL's UnidentifiedImageError included
-        stats.malformed += 1
-        logger.warning("sample %s is malformed (%s); copied without local captions", key, error)
-        return {}
+        raise MalformedSample("sample lacks .image or .segmentation")
+    image = Image.fromarray(decode_image(by_ext["image"]))
+    height = member_int(by_ext.get("height")) or image.height
+    width = member_int(by_ext.get("width")) or image.width
+    if (height, width) != (image.height, image.width):
+        raise MalformedSample(f".height/.width {height}x{width} differ from the image's {image.height}x{image.width}")
+    return image, decode_segmentation(by_ext["segmentation"], height, width)
+
+
+def _caption_sample(image: Image.Image, masks: list[np.ndarray], captioner: Captioner, shortener: Shortener | None,
+                    clip_filter: ClipCaptionFilter | None, stats: ShardStats) -> dict[str, bytes]:
     captions, meta = caption_objects(image, masks, captioner, shortener, clip_filter)
     stats.objects += sum(entry is not None for entry in meta)
     stats.kept += sum(caption is not None for caption in captions)
@@ -333,13 +357,16 @@ def process_shards(shards: Sequence[str | Path], out_dir: str | Path, captioner:
     shard_paths = [Path(path) for path in list_shards(shards)]
     if any(Path(out_dir).resolve() == path.parent.resolve() for path in shard_paths):
         raise ValueError(f"--out_dir {str(out_dir)!r} holds the input shards; write to another folder")
+    names = OutputNames(out_dir)
+    for path in shard_paths:  # every rank checks every name: a collision is refused before anything is written
+        names.path(path.name, owner=str(path.resolve()))
     shard_paths = shard_paths[rank::world_size]
     iterator: Any = shard_paths
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(shard_paths, desc="caption shards", unit="shard")
-    return [process_shard(path, out_dir, captioner, shortener, clip_filter) for path in iterator]
+    return [process_shard(path, out_dir, captioner, shortener, clip_filter, names) for path in iterator]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,6 @@ depends on the slot.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tarfile
@@ -41,8 +40,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from painternet_core.masks import MASK_MODES, generate_mask, paper_mix_mask
-from training.painterdata.shards import (MalformedSample, decode_image, first_object_only, iter_shard,
-                                         list_shards, local_captions, member_text, rle_decode, segmentation_rles)
+from training.painterdata.shards import (MAX_MEMBER_BYTES, MalformedSample, SampleGuard, ShardSample, decode_image,
+                                         first_object_only, iter_shard, list_shards, local_captions, member_caption,
+                                         member_int, rle_decode, segmentation_rles)
 
 logger = logging.getLogger("painternet.training")
 
@@ -193,9 +193,16 @@ class _SlotStream(IterableDataset):
         slot_info(rank, world_size)  # validate early, in the main process
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.mask_mode, self.shuffle, self.shuffle_buffer, self.repeat = mask_mode, shuffle, shuffle_buffer, repeat
-        #: Counts of skipped samples by exception type, in this process (each DataLoader worker keeps its own and logs).
-        self.skipped: Counter[str] = Counter()
+        #: The per-sample guard (``training.painterdata.shards.SampleGuard``): every failure of one sample is logged
+        #: once with shard + key + reason, counted and skipped. Each DataLoader worker keeps its own counts; they
+        #: travel with every sample's ``position`` (so they reach the checkpoint's data state and the logs).
+        self.guard = SampleGuard()
         self.epoch = 0
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Skipped samples by reason type, in this process (all epochs; restored by :meth:`resume`)."""
+        return self.guard.counts
 
     def set_epoch(self, epoch: int) -> None:
         """Start from ``epoch`` (changes shuffles and per-sample draws)."""
@@ -231,29 +238,30 @@ class _SlotStream(IterableDataset):
         """Turn a raw record into a training sample (may raise MalformedSample); subclasses implement."""
         raise NotImplementedError
 
-    def _skip(self, key: str, error: Exception) -> None:
-        self.skipped[type(error).__name__] += 1
-        total = sum(self.skipped.values())
-        level = logging.WARNING if total <= 20 else logging.DEBUG
-        logger.log(level, "skipping malformed sample %r (%s); %d skipped so far in this worker", key, error, total)
-
     def _build_or_skip(self, record: dict[str, Any], epoch: int) -> dict[str, Any] | None:
-        try:
+        """The sample, or None when anything about it fails (counted and logged by the guard). A record carrying
+        ``error`` is a damaged stretch of input (a truncated shard): it is counted like a sample and, being a
+        numbered record, is passed over without re-counting on resume."""
+        def build() -> dict[str, Any]:
+            if "error" in record:
+                raise record["error"]
             return self._build(record, _sample_seed(self.seed, epoch, record["key"]))
-        except (MalformedSample, KeyError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            self._skip(record.get("key", "?"), error)
-            return None
+
+        return self.guard.run(str(record.get("shard", "")), str(record.get("key", "?")), build)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, slots = self._slot()
         start = getattr(self, "start_positions", {}).get(slot)
         epoch = int(start["epoch"]) if start else self.epoch
+        if start is not None:
+            self.guard.counts = Counter({str(k): int(v) for k, v in start.get("skipped", {}).items()})
         while True:
             shuffle_rng = np.random.default_rng([self.seed, epoch, slot, 7919])
             buffer: list[tuple[int, dict[str, Any]]] = []  # (record number in the epoch, sample)
             built = 0
             skip_to = -1
             if start is not None:  # resume: restore the stream state without building what was consumed
+                built = 1  # the resumed epoch yielded samples before the checkpoint, even if none is left to build
                 skip_to = int(start["consumed"]) - 1
                 pending = [int(n) for n in start["buffer"]]
                 shuffle_rng.bit_generator.state = start["rng"]
@@ -277,16 +285,17 @@ class _SlotStream(IterableDataset):
                     continue
                 built += 1
                 if not self.shuffle:
-                    yield self._stamp(sample, slot, epoch, consumed, [], shuffle_rng)
+                    yield self._stamp(sample, slot, epoch, consumed, [], shuffle_rng, self.skipped)
                     continue
                 buffer.append((number, sample))
                 if len(buffer) >= self.shuffle_buffer:
                     _, out = buffer.pop(int(shuffle_rng.integers(len(buffer))))
-                    yield self._stamp(out, slot, epoch, consumed, [n for n, _ in buffer], shuffle_rng)
+                    yield self._stamp(out, slot, epoch, consumed, [n for n, _ in buffer], shuffle_rng,
+                                      self.skipped)
             while buffer:
                 _, out = buffer.pop(int(shuffle_rng.integers(len(buffer))))
                 built += 1
-                yield self._stamp(out, slot, epoch, consumed, [n for n, _ in buffer], shuffle_rng)
+                yield self._stamp(out, slot, epoch, consumed, [n for n, _ in buffer], shuffle_rng, self.skipped)
             if self.skipped:
                 logger.info("epoch %d slot %d/%d: skipped %s", epoch, slot, slots, dict(self.skipped))
             if not self.repeat:
@@ -301,9 +310,9 @@ class _SlotStream(IterableDataset):
 
     @staticmethod
     def _stamp(sample: dict[str, Any], slot: int, epoch: int, consumed: int, buffer: list[int],
-               rng: np.random.Generator) -> dict[str, Any]:
+               rng: np.random.Generator, skipped: Counter[str]) -> dict[str, Any]:
         sample["position"] = {"slot": slot, "epoch": epoch, "consumed": consumed, "buffer": buffer,
-                              "rng": rng.bit_generator.state}
+                              "rng": rng.bit_generator.state, "skipped": dict(skipped)}
         return sample
 
 
@@ -329,7 +338,8 @@ class BrushDataShards(_SlotStream):
     A plain-text ``.local_caption`` (older data) describes the first object, which is then always the one chosen.
     Shards are read by ``training.painterdata.shards.iter_shard`` (local paths, brace patterns, ``pipe:`` URLs);
     with at least as many shards as rank × worker slots, shards are split; with fewer, every slot reads all shards
-    and keeps every slots-th sample (correct, more I/O; logged). A corrupt shard is counted and skipped.
+    and keeps every slots-th sample (correct, more I/O; logged). A truncated or corrupt shard costs only its damaged
+    sample (counted as ``DamagedShard``; the samples before it train), see ``training.painterdata.shards``.
     """
 
     def __init__(self, shards: str | Path | Sequence[str | Path], resolution: Resolution, *,
@@ -353,22 +363,28 @@ class BrushDataShards(_SlotStream):
             try:
                 for sample in iter_shard(url):
                     if keep is None or index % keep[1] == keep[0]:
-                        yield {**sample.by_ext(), "key": sample.key}
+                        yield {"key": sample.key, "shard": url, "sample": sample}
                     index += 1
             except (tarfile.TarError, OSError) as error:
-                self._skip(f"<shard {url}>", error)
+                if keep is None or index % keep[1] == keep[0]:
+                    yield {"key": getattr(error, "key", None) or "<shard>", "shard": url, "error": error}
 
     def _build(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        missing = [m for m in ("image", "caption", "height", "width", "segmentation") if m not in record]
+        sample: ShardSample = record["sample"]
+        members = sample.by_ext()
+        missing = [m for m in ("image", "caption", "height", "width", "segmentation") if m not in members]
         if missing:
             raise MalformedSample(f"missing members: {', '.join('.' + m for m in missing)}")
-        height, width = int(member_text(record["height"]).strip()), int(member_text(record["width"]).strip())
-        rles = segmentation_rles(record["segmentation"])
+        height, width = member_int(members["height"]), member_int(members["width"])
+        if height is None or width is None:
+            raise MalformedSample(f".height/.width must be decimal integers, got {members['height'][:20]!r} / "
+                                  f"{members['width'][:20]!r}")
+        rles = segmentation_rles(members["segmentation"])
         if not rles:
             raise MalformedSample('segmentation JSON has no non-empty "mask" list')
-        caption = member_text(record["caption"]).strip()
-        local = local_captions(record.get("local_caption"), len(rles))
-        if first_object_only(record.get("local_caption")):
+        caption = member_caption(members["caption"])
+        local = local_captions(members.get("local_caption"), len(rles))
+        if first_object_only(members.get("local_caption")):
             candidates = [0]
         else:
             candidates = [int(i) for i in rng.permutation(len(rles))]
@@ -376,7 +392,7 @@ class BrushDataShards(_SlotStream):
             candidates = [i for i in candidates if local[i] is not None]
             if not candidates:
                 raise NoLocalCaption("no object has a kept local caption (caption_fallback='skip')")
-        image = decode_image(record["image"])
+        image = decode_image(members["image"])
         if image.shape[:2] != (height, width):
             raise MalformedSample(f"image is {image.shape[0]}x{image.shape[1]} but .height/.width say "
                                   f"{height}x{width}")
@@ -392,6 +408,13 @@ class BrushDataShards(_SlotStream):
 
 
 # --------------------------------------------------------------------------------------------------------- folder
+def _read_capped(path: Path) -> bytes:
+    size = path.stat().st_size
+    if size > MAX_MEMBER_BYTES:
+        raise MalformedSample(f"{path.name} is {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit")
+    return path.read_bytes()
+
+
 class FolderDataset(_SlotStream):
     """A plain folder: ``NAME.png|jpg|jpeg|webp|bmp`` image, ``NAME_mask.png`` object mask (non-zero = object; the
     training mask is drawn from it by ``mask_mode``; use ``mask_mode="segmentation"`` to train on it as drawn),
@@ -415,7 +438,7 @@ class FolderDataset(_SlotStream):
 
     def _units(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         for path in _split(self.items, epoch, self.seed, slot, slots, self.shuffle):
-            yield {"key": str(path.relative_to(self.root).with_suffix("")), "path": path}
+            yield {"key": str(path.relative_to(self.root).with_suffix("")), "path": path, "shard": str(self.root)}
 
     def _build(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         path: Path = record["path"]
@@ -425,15 +448,13 @@ class FolderDataset(_SlotStream):
             raise MalformedSample(f"missing mask file {mask_path.name}")
         if not text_path.is_file():
             raise MalformedSample(f"missing caption file {text_path.name}")
-        image = decode_image(path.read_bytes())
-        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise MalformedSample(f"mask file {mask_path.name} cannot be decoded")
+        image = decode_image(_read_capped(path))
+        mask = decode_image(_read_capped(mask_path), mode="L")
         if mask.shape != image.shape[:2]:
             raise MalformedSample(f"mask {mask.shape} and image {image.shape[:2]} sizes differ")
-        prompt = text_path.read_text(encoding="utf-8").strip()
+        prompt = member_caption(_read_capped(text_path))
         caption_path = path.with_name(path.stem + ".caption.txt")
-        caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else prompt
+        caption = member_caption(_read_capped(caption_path)) if caption_path.is_file() else prompt
         return prepare_sample(image, mask > 127, prompt, caption, rng, self.resolution, mask_mode=self.mask_mode,
                               key=record["key"])
 

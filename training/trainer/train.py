@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(written atomically).")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None,
-                   help="A checkpoint-N folder, or 'latest' (the newest complete one in OUTPUT_DIR).")
+                   help="A checkpoint-N folder, or 'latest' (the newest complete and loadable checkpoint of the run "
+                        "in OUTPUT_DIR; a damaged one is passed over with a warning).")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in an OUTPUT_DIR that holds another run's checkpoints, deleting them "
+                        "(without it such a run refuses to start).")
     g.add_argument("--report_to", default="tensorboard", help="accelerate tracker (tensorboard, wandb, all, none).")
     g.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to OUTPUT_DIR.")
     g.add_argument("--validation_steps", type=int, default=500,
@@ -160,6 +164,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.preset is None and args.train_data is None:
         raise ValueError("--train_data is required with --pretrained_model_name_or_path (a folder of .tar shards or "
                          "of images with _mask.png and .txt files).")
+    from training.output_names import safe_stem
+
+    if safe_stem(args.export_name) != args.export_name:
+        raise ValueError(f"--export_name {args.export_name[:80]!r} must be a plain file name (letters, digits, "
+                         f"'.', '_', '-'; not starting with '.'), e.g. {safe_stem(args.export_name)!r}; it names "
+                         "files inside OUTPUT_DIR.")
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
@@ -190,6 +200,8 @@ class TrainResult:
     base: Any = None
     branch: Any = None
     resumed_from: Path | None = None
+    #: Samples this rank's data skipped, by reason (``MalformedSample``, ``DamagedShard``...), over the whole run.
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 def _build_dataset(args: argparse.Namespace, resolution: int, rank: int, world_size: int, seed: int) -> Any:
@@ -258,6 +270,18 @@ def _run_validation(args: argparse.Namespace, accelerator: Any, base: Any, branc
     logger.info("validation image for step %d written to %s", step, out)
 
 
+def _log_skipped(positions: dict[int, dict[str, Any]], step: int) -> dict[str, int]:
+    """Skip counts of this rank's data slots (carried by the positions of the samples it consumed), logged."""
+    total: dict[str, int] = {}
+    for position in positions.values():
+        for reason, count in (position.get("skipped") or {}).items():
+            total[reason] = total.get(reason, 0) + int(count)
+    if total:
+        logger.info("step %d: data skipped %d samples so far (%s)", step, sum(total.values()),
+                    ", ".join(f"{reason} {count}" for reason, count in sorted(total.items())))
+    return total
+
+
 def _optimizer(args: argparse.Namespace, params: Any) -> torch.optim.Optimizer:
     """The ``--optimizer`` (``--use_8bit_adam`` = bitsandbytes) with the AdamW flags; see ``training.trainer.optim``."""
     from training.trainer.optim import build_optimizer
@@ -287,8 +311,9 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     from painternet_core.checkpoint import load_branch, save_branch
     from painternet_core.config import check_comfy_supported
     from training.inference import load_base_model
-    from training.trainer.checkpoints import (checkpoint_step, read_data_state, remove_stale, resolve_resume,
-                                              save_checkpoint, write_data_state)
+    from training.trainer.checkpoints import (adopt_run, checkpoint_step, claim_output_dir, read_data_state,
+                                              refuse_foreign, remove_stale, resolve_resume, save_checkpoint,
+                                              write_data_state)
     from training.trainer.data import collate_samples
     from training.trainer.step import step_generator, train_step
 
@@ -304,6 +329,15 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale(output_dir)
+    # Which checkpoint (and so which run) this is decided before anything is built: a refusal costs nothing.
+    resume = resolve_resume(args.resume_from_checkpoint, output_dir)
+    if resume is None and not args.overwrite_output_dir:
+        refuse_foreign(output_dir)
+    run_id: str | None = None
+    if accelerator.is_main_process:
+        run_id = adopt_run(output_dir, resume) if resume is not None else \
+            claim_output_dir(output_dir, args.overwrite_output_dir)
+    accelerator.wait_for_everyone()
 
     # ---- base model (frozen) -----------------------------------------------------------------------------------
     model_path = args.pretrained_model_name_or_path
@@ -368,7 +402,6 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
 
     # ---- resume ----------------------------------------------------------------------------------------------------
     global_step = 0
-    resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     workers = max(1, args.dataloader_num_workers)
     micro_step = 0
     replay = 0
@@ -438,11 +471,14 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
         progress.update(1)
         progress.set_postfix(loss=f"{logs['loss']:.4f}", atal=f"{l_atal:.3g}")
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, checkpoint_extras)
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, checkpoint_extras,
+                            run_id=run_id)
+            _log_skipped(positions, global_step)
         if validation is not None and global_step % args.validation_steps == 0:
             _run_validation(args, accelerator, base, branch, config, validation, global_step, weight_dtype)
     progress.close()
     result.global_step = global_step
+    result.skipped = _log_skipped(positions, global_step)
 
     # ---- export (gathered on every rank, written by the main process) ------------------------------------------
     accelerator.wait_for_everyone()
