@@ -180,3 +180,43 @@ def brushnet_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         prefix = next((p for p in _BRUSHNET_NAMES if key.startswith(p)), None)
         out[_BRUSHNET_NAMES[prefix] + key[len(prefix):] if prefix else key] = value.contiguous()
     return out
+
+
+def powerpaint_branch_file(name: str = "tiny-sd15-powerpaint-branch.safetensors", seed: int = 11) -> str:
+    """A PowerPaint v2-style branch (BrushNet key layout *with* cross-attention, what the public
+    PowerPaint_Brushnet/diffusion_pytorch_model.safetensors holds) for the small real-signature SD1.5 UNet; cached."""
+    path = os.path.join(MODELS, name)
+    if os.path.exists(path):
+        return path
+    from safetensors.torch import save_file
+
+    from painternet_core.branch import PainterNetBranch
+    from painternet_core.config import SD15_UNET, PainterNetConfig
+
+    config = PainterNetConfig(family="sd15", unet=dict(SD15_UNET, block_out_channels=[320] * 4), cross_attention=True,
+                              attention_control=False)
+    branch = fill_(PainterNetBranch(config), seed, gain=0.3)
+    os.makedirs(MODELS, exist_ok=True)
+    save_file({k: v.half() for k, v in brushnet_layout(branch.state_dict()).items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def clip_text_encoder_file(path: str, vocab: int = 49438, width: int = 768, layers: int = 1, prefix: str = "",
+                           seed: int = 12) -> str:
+    """A random CLIP text encoder in the HF `text_model.*` layout (fp16), 64-wide heads and quick-GELU like CLIP-L;
+    the default vocabulary is PowerPaint v2's (CLIP's 49 408 rows plus its 30 task-token rows). Written when missing."""
+    if os.path.exists(path):
+        return path
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+                                         num_hidden_layers=layers, num_attention_heads=width // 64,
+                                         max_position_embeddings=77, hidden_act="quick_gelu"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({prefix + k: v.half().contiguous() for k, v in model.state_dict().items()
+               if not k.endswith("position_ids")}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path

@@ -115,7 +115,8 @@ def start_server(base: str, timeout: float = 300.0, cpu: bool = True,
     config = os.path.join(base, "extra_model_paths.yaml")
     with open(config, "w", encoding="utf-8") as fh:
         fh.write(f"painternet_tests:\n  base_path: {base}\n  checkpoints: models/checkpoints\n"
-                 f"  painternet: models/painternet\n  vae: models/vae\n  custom_nodes: custom_nodes\n")
+                 f"  painternet: models/painternet\n  vae: models/vae\n  custom_nodes: custom_nodes\n"
+                 f"  inpaint: models/inpaint\n  text_encoders: models/text_encoders\n")
     port = _free_port()
     log_path = os.path.join(base, "server.log")
     cmd = [sys.executable, os.path.join(COMFYUI_PATH, "main.py"), *(["--cpu"] if cpu else []), "--listen",
