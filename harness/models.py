@@ -185,7 +185,7 @@ def brushnet_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def powerpaint_branch_file(name: str = "tiny-sd15-powerpaint-branch.safetensors", seed: int = 11) -> str:
     """A PowerPaint v2-style branch (BrushNet key layout *with* cross-attention, what the public
     PowerPaint_Brushnet/diffusion_pytorch_model.safetensors holds) for the small real-signature SD1.5 UNet; cached."""
-    path = os.path.join(MODELS, name)
+    path = cached_path(name)
     if os.path.exists(path):
         return path
     from safetensors.torch import save_file

@@ -55,13 +55,16 @@ def _encode(path: str) -> PowerPaintTasks:
                          "holds fp16/bf16/fp32 weights: re-download the file")
     device = mm.text_encoder_device()
     dtype = torch.float32 if device.type == "cpu" else mm.text_encoder_dtype(device)
-    config = spec.clip_config()
-    model = comfy.clip_model.CLIPTextModel(config, dtype=dtype, device=device, operations=comfy.ops.manual_cast)
+    # Built on the meta device and filled by assignment: the file's tensors become the weights, so loading peaks at
+    # one copy of the encoder, not two.
+    model = comfy.clip_model.CLIPTextModel(spec.clip_config(), dtype=dtype, device="meta",
+                                           operations=comfy.ops.manual_cast).text_model
     # ComfyUI builds the stock 49408-row vocabulary; PowerPaint's encoder is that plus the 30 task-token rows.
-    model.set_input_embeddings(comfy.ops.manual_cast.Embedding(spec.vocab, spec.width, dtype=dtype, device=device))
-    state = {k[len(spec.prefix):]: v for k, v in _read_tensors(path, wanted).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k.startswith("text_model.")]
+    model.embeddings.token_embedding = comfy.ops.manual_cast.Embedding(spec.vocab, spec.width, dtype=dtype,
+                                                                       device="meta")
+    cut = len(spec.prefix + "text_model.")
+    state = {k[cut:]: v.to(device, dtype) for k, v in _read_tensors(path, wanted).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{quote(name)} does not match a CLIP text encoder of its own sizes (missing "
                          f"{quote(missing[:3])}, unexpected {quote(unexpected[:3])}); re-download the file")
@@ -69,7 +72,7 @@ def _encode(path: str) -> PowerPaintTasks:
     strings = task_strings()
     ids = torch.tensor([task_token_ids(s) for s in strings], device=device)
     with torch.no_grad():
-        hidden = model(ids, dtype=torch.float32)[0]
+        hidden = model(ids, dtype=torch.float32)[0]  # last hidden state, after the final layer norm
     embeddings = {s: hidden[i:i + 1].detach().to("cpu", torch.float32).clone() for i, s in enumerate(strings)}
     del model, hidden
     mm.soft_empty_cache()

@@ -128,19 +128,19 @@ def tasks(world):
     calls = []
     import comfy.clip_model
 
-    original = comfy.clip_model.CLIPTextModel.forward
+    original = comfy.clip_model.CLIPTextModel_.forward
 
     def counted(self, *args, **kwargs):
         calls.append(1)
         return original(self, *args, **kwargs)
 
-    comfy.clip_model.CLIPTextModel.forward = counted
+    comfy.clip_model.CLIPTextModel_.forward = counted
     world.encoder_calls = calls
     try:
         (value,) = world.nodes["PowerPaintTaskEncoder"].execute("pp_test_text_encoder.safetensors")
         yield value
     finally:
-        comfy.clip_model.CLIPTextModel.forward = original
+        comfy.clip_model.CLIPTextModel_.forward = original
 
 
 # ------------------------------------------------------------------------------------------------------------------

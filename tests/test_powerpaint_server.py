@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.models import MODELS, branch_file, clip_text_encoder_file, powerpaint_branch_file, sd15_checkpoint
+from harness.models import branch_file, cached_path, clip_text_encoder_file, powerpaint_branch_file, sd15_checkpoint
 from harness.server import error_text, start_server
 from test_crop_server import load_workflow, ui_to_api
 
@@ -31,7 +31,7 @@ def server(tmp_path_factory):
     os.makedirs(os.path.join(srv.models("inpaint"), "PowerPaint_Brushnet"), exist_ok=True)
     os.symlink(sd15_checkpoint(), os.path.join(srv.models("checkpoints"), "tiny-sd15.safetensors"))
     os.symlink(powerpaint_branch_file(), os.path.join(srv.models("inpaint"), BRANCH))
-    os.symlink(clip_text_encoder_file(os.path.join(MODELS, "tiny-powerpaint-text-encoder.safetensors")),
+    os.symlink(clip_text_encoder_file(cached_path("tiny-powerpaint-text-encoder.safetensors")),
                os.path.join(srv.models("text_encoders"), ENCODER))
     os.symlink(branch_file("sd15", "tiny-sd15-320-branch.safetensors"),
                os.path.join(srv.models("painternet"), "tiny-painternet.safetensors"))
