@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .crop import Box, StitchInfo, _binary_masks, _check_finite, _image_array
+from .conditioning import MASK_THRESHOLD
+from .crop import Box, StitchInfo, _check_finite, _image_array, _masks
 
 FILL = 127.0 / 255.0  # the reference demo's grey
 BAND = 10  # px regenerated inside the original's edge on each expanded side (the demo's `blurry_gap`)
@@ -65,7 +66,7 @@ def pad_batch(image: torch.Tensor, left: int, top: int, right: int, bottom: int,
     canvas = np.full((batch, new_h, new_w, 3), FILL, np.float32)
     holes = np.empty((batch, new_h, new_w), bool)
     base = outpaint_mask(width, height, padding, band)
-    inner = _binary_masks(mask, batch, height, width) if mask is not None else None
+    inner = _masks(mask, batch, height, width) > MASK_THRESHOLD if mask is not None else None
     for i in range(batch):
         if check is not None:
             check()
