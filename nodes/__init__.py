@@ -5,7 +5,7 @@ import importlib
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 # One entry per node module; each exports NODES, its node classes in menu order.
-_NODE_MODULES: tuple[str, ...] = ("painternet_nodes", "mask_nodes", "box_mask_nodes", "crop_nodes")
+_NODE_MODULES: tuple[str, ...] = ("painternet_nodes", "mask_nodes", "box_mask_nodes", "crop_nodes", "powerpaint_nodes")
 
 NODES: list[type[io.ComfyNode]] = [
     node for name in _NODE_MODULES for node in importlib.import_module(f".{name}", __name__).NODES]
