@@ -112,7 +112,7 @@ def test_redraws_parse_the_shapes_once_per_change_and_the_editor_keeps_the_backe
         assert page.evaluate(f"{editor}.shapes") == []
         assert any("more than the 4194304 the backend accepts" in line for line in console), console[-3:]
         editor = _load(page, json.dumps({"version": 1, "shapes": [box]}))
-        boxes = [dict(box, x=round(i / 70000, 5)) for i in range(70000)]  # ~4.5 MB once written
+        boxes = [dict(box, x=round(i / 90000, 5)) for i in range(90000)]  # ~4.6 MB once written (> 4 MiB)
         written = page.evaluate(f"(boxes) => {{ const e = {editor}; e.commit(boxes); "
                                 "return [e.shapesWidget.value.length, e.status.textContent]; }", boxes)
         assert written[0] < 200 and "size limit reached" in written[1], written
