@@ -44,6 +44,10 @@ folder_paths.add_model_folder_path("painternet", os.path.join(folder_paths.model
 # Pickle extensions are listed on purpose: the loader refuses them with a message on how to convert, instead of
 # leaving the user wondering why their file is not in the list.
 folder_paths.folder_names_and_paths["painternet"][1].update(folder_paths.supported_pt_extensions)
+# models/inpaint is where ComfyUI-BrushNet users keep BrushNet and PowerPaint files (branches and PowerPaint's text
+# encoder): the loaders list it too, and an `inpaint:` key in extra_model_paths.yaml adds folders to it.
+folder_paths.add_model_folder_path("inpaint", os.path.join(folder_paths.models_dir, "inpaint"))
+folder_paths.folder_names_and_paths["inpaint"][1].update(folder_paths.supported_pt_extensions)
 
 WEB_DIRECTORY = "./web"
 

@@ -1,6 +1,7 @@
 """PainterNetLoader and PainterNetApply: thin V3 nodes over `branch.py`, `injection.py` and the core."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from comfy_api.v0_0_2 import io
@@ -13,19 +14,44 @@ CATEGORY = "inpaint/PainterNet"
 # The socket types the pack adds: the loaded branch, and what Crop hands to Stitch.
 PainterNet = io.Custom("PAINTERNET")
 PainterNetStitchInfo = io.Custom("PAINTERNET_STITCH")
+logger = logging.getLogger("painternet")
+# Where branches are listed from: the pack's folder, then models/inpaint, where ComfyUI-BrushNet users keep BrushNet and
+# PowerPaint files (registered in the pack's __init__.py), so a migrating user moves nothing.
+BRANCH_FOLDERS = ("painternet", "inpaint")
+
+
+def branch_files() -> list[str]:
+    """Files of models/painternet, then those of models/inpaint not already listed."""
+    import folder_paths
+
+    names: list[str] = []
+    for folder in BRANCH_FOLDERS:
+        if folder in folder_paths.folder_names_and_paths:
+            names += [n for n in folder_paths.get_filename_list(folder) if n not in names]
+    return names
+
+
+def branch_path(name: str) -> str | None:
+    import folder_paths
+
+    for folder in BRANCH_FOLDERS:
+        if folder in folder_paths.folder_names_and_paths:
+            path = folder_paths.get_full_path(folder, name)
+            if path is not None:
+                return path
+    return None
 
 
 class PainterNetLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import folder_paths
-
         return io.Schema(
             node_id="PainterNetLoader", display_name="Load PainterNet", category=CATEGORY,
             description="Loads a PainterNet branch for SD1.5 or SDXL.",
             inputs=[
-                io.Combo.Input("painternet_name", options=folder_paths.get_filename_list("painternet"), tooltip=(
-                    "PainterNet (or diffusers BrushNet / PowerPaint-CA) branch from models/painternet. "
+                io.Combo.Input("painternet_name", options=branch_files(), tooltip=(
+                    "PainterNet (or diffusers BrushNet / PowerPaint-CA) branch from models/painternet or "
+                    "models/inpaint (where ComfyUI-BrushNet keeps them). "
                     "Only .safetensors files load; pickle files are refused with a conversion command.")),
                 io.Combo.Input("dtype", options=["auto", "fp16", "bf16", "fp32"], default="auto", tooltip=(
                     "Weight dtype of the branch. auto follows ComfyUI's choice for the device (fp32 on CPU).")),
@@ -41,13 +67,12 @@ class PainterNetLoader(io.ComfyNode):
     @classmethod
     def execute(cls, painternet_name: str, dtype: str) -> io.NodeOutput:
         check_inputs(cls, locals())
-        import folder_paths
-
         from .branch import load_painternet
-        path = folder_paths.get_full_path("painternet", painternet_name)
+
+        path = branch_path(painternet_name)
         if path is None:
-            raise FileNotFoundError(f"PainterNet file {painternet_name!r} not found in models/painternet; "
-                                    "refresh the node list or copy the file there")
+            raise FileNotFoundError(f"PainterNet file {painternet_name[:200]!r} not found in models/painternet or "
+                                    "models/inpaint; refresh the node list or copy the file there")
         return io.NodeOutput(load_painternet(path, dtype=dtype))
 
 
@@ -102,24 +127,40 @@ class PainterNetApply(io.ComfyNode):
     def execute(cls, model: Any, vae: Any, image: Any, mask: Any, painternet: Any, positive: Any, negative: Any,
                 scale: float, start_percent: float, end_percent: float, noise_mask: str = "soft") -> io.NodeOutput:
         check_inputs(cls, locals())
-        from painternet_core.conditioning import inpaint_inputs, prepare_condition
-
-        from .branch import check_base
         from .injection import apply_painternet
-        check_base(model, painternet.config)
-        try:
-            pixels, m, sampler_mask = inpaint_inputs(image, mask, vae.downscale_ratio, noise_mask)
-        except ValueError as err:
-            raise ValueError(f"PainterNetApply: {err}") from err
-        latent_format = model.get_model_object("latent_format")
+        from .powerpaint import is_powerpaint
 
-        def encode(px: Any) -> Any:
-            return latent_format.process_in(vae.encode(px.movedim(1, -1)))
-
-        condition = prepare_condition(pixels, m, encode, painternet.config)
-        patched = apply_painternet(model, painternet, condition.cpu(), scale, start_percent, end_percent)
-        latent = {"samples": vae.encode(pixels.movedim(1, -1)), "noise_mask": sampler_mask}
+        if is_powerpaint(painternet):
+            # A warning, not an error: saved workflows that drive PowerPaint this way keep running as before.
+            logger.warning("PainterNetApply: %s is a PowerPaint v2 branch, trained on task tokens, never on prompts; "
+                           "this node feeds it your prompt. Use Apply PowerPaint (with Load PowerPaint Task Encoder) "
+                           "for PowerPaint's object removal, outpainting, shape-guided and context-aware fill",
+                           painternet.name)
+        condition, latent = prepare_inpaint(model, vae, image, mask, painternet, noise_mask, "PainterNetApply")
+        patched = apply_painternet(model, painternet, condition, scale, start_percent, end_percent)
         return io.NodeOutput(patched, positive, negative, latent)
+
+
+def prepare_inpaint(model: Any, vae: Any, image: Any, mask: Any, painternet: Any, noise_mask: str,
+                    node: str) -> tuple[Any, dict[str, Any]]:
+    """What every Apply node does before attaching a branch: check the base, crop image and mask to the VAE's
+    multiple, encode the branch condition (kept on the CPU) and the LATENT with its noise_mask."""
+    from painternet_core.conditioning import inpaint_inputs, prepare_condition
+
+    from .branch import check_base
+
+    check_base(model, painternet.config)
+    try:
+        pixels, m, sampler_mask = inpaint_inputs(image, mask, vae.downscale_ratio, noise_mask)
+    except ValueError as err:
+        raise ValueError(f"{node}: {err}") from err
+    latent_format = model.get_model_object("latent_format")
+
+    def encode(px: Any) -> Any:
+        return latent_format.process_in(vae.encode(px.movedim(1, -1)))
+
+    condition = prepare_condition(pixels, m, encode, painternet.config)
+    return condition.cpu(), {"samples": vae.encode(pixels.movedim(1, -1)), "noise_mask": sampler_mask}
 
 
 NODES: list[type[io.ComfyNode]] = [PainterNetLoader, PainterNetApply]

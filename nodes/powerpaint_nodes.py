@@ -172,7 +172,7 @@ class PowerPaintApply(io.ComfyNode):
                              f"{type(tasks).__name__}")
         check_tasks_fit(tasks, painternet)
         cond, uncond = tasks.context(task, fitting)
-        condition, latent = prepare_inpaint(model, vae, image, mask, painternet)
+        condition, latent = prepare_inpaint(model, vae, image, mask, painternet, "soft", "PowerPaintApply")
         patched = apply_painternet(model, painternet, condition, scale, start_percent, end_percent,
                                    branch_context=BranchContext(cond=cond, uncond=uncond))
         return io.NodeOutput(patched, positive, negative, latent)
