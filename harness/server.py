@@ -12,11 +12,26 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import requests
 
 from harness import COMFYUI_PATH, REPO
 
 PACK_NAME = "ComfyUI-PainterNet"
+# Nodes that inject a branch; `branch_off` sets their scale to 0.
+BRANCH_APPLY_NODES = ("PainterNetApply", "PowerPaintApply")
+# Mean |difference| over the hole, in 8-bit levels, between a graph with its branch on (scale >= 0.5) and the same
+# graph at scale 0 (same seed), below which the branch is taken to have done nothing (then it is exactly 0 on a CPU).
+# Measured on the soak's 64x48 graph with the test weights (2 steps, scale 1): 7.5 in the hole.
+BRANCH_HOLE_MARGIN = 2.0
+# Without a stitch the picture is the VAE decode of the sampled latent: the latent outside the hole is kept as encoded
+# (ComfyUI's noise mask), so there the two latents are equal, while the decoder spreads the hole's change around it
+# (the test TAESD is random, its reach spans a 64 px picture). Latent cells farther than this from the hole compare
+# equal; decoded pixels farther than DECODE_BAND px compare within the VAE round trip's own error on the picture.
+LATENT_BAND_CELLS = 1
+DECODE_BAND = 8
+# The nodes `add_branch_checks` adds (ids far above the builders' own).
+CHECK_NODES = {"mask": "61", "latent": "62", "source": "63", "round_trip": "66"}
 # A fixed mmap threshold turns off glibc's dynamic one, under which freed checkpoint buffers can stay in the heap as
 # a one-off RSS plateau (measured once: +206 MiB after a swap back, +18 MiB on the identical rerun): with it, RSS
 # follows live memory, so the soak's margin measures leaks, not allocator timing.
@@ -146,6 +161,111 @@ def start_server(base: str, timeout: float = 300.0, cpu: bool = True,
         server.stop()
         raise RuntimeError(f"the pack's nodes are missing from /object_info:\n{server.log()[-4000:]}")
     return server
+
+
+def saved_pixels(server: ComfyServer, entry: dict[str, Any], node: str, index: int = 0) -> np.ndarray:
+    """The `index`-th picture a SaveImage node `node` wrote for a finished prompt, as (H, W, 3) uint8 RGB."""
+    from PIL import Image
+
+    item = entry["outputs"][node]["images"][index]
+    with Image.open(os.path.join(server.output_dir, item["subfolder"], item["filename"])) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def branch_off(prompt: dict[str, Any], suffix: str = "-off") -> dict[str, Any]:
+    """The same API prompt with the branch switched off: every branch apply node at scale 0 (the graph is otherwise
+    identical, same seeds), and each saving node's prefix given `suffix` so the two runs write different files."""
+    off = json.loads(json.dumps(prompt))
+    applies = [node for node in off.values() if node["class_type"] in BRANCH_APPLY_NODES]
+    if not applies:
+        raise ValueError(f"the prompt has none of the apply nodes {BRANCH_APPLY_NODES}")
+    for node in applies:
+        node["inputs"]["scale"] = 0.0
+    for node in off.values():
+        if "filename_prefix" in node["inputs"]:
+            node["inputs"]["filename_prefix"] += suffix
+    return off
+
+
+def add_branch_checks(nodes: dict[str, Any], image: list, mask: list, samples: list, vae: list, prefix: str) -> None:
+    """Save what comparing a graph without stitch with its `branch_off` twin needs: the mask Apply gets, the sampled
+    latent, the picture Apply gets and its VAE round trip (nodes CHECK_NODES)."""
+    nodes.update({
+        "60": {"class_type": "MaskToImage", "inputs": {"mask": mask}},
+        "61": {"class_type": "SaveImage", "inputs": {"images": ["60", 0], "filename_prefix": prefix + "-mask"}},
+        "62": {"class_type": "SaveLatent", "inputs": {"samples": samples, "filename_prefix": prefix + "-latent"}},
+        "63": {"class_type": "SaveImage", "inputs": {"images": image, "filename_prefix": prefix + "-source"}},
+        "64": {"class_type": "VAEEncode", "inputs": {"pixels": image, "vae": vae}},
+        "65": {"class_type": "VAEDecode", "inputs": {"samples": ["64", 0], "vae": vae}},
+        "66": {"class_type": "SaveImage", "inputs": {"images": ["65", 0], "filename_prefix": prefix + "-round-trip"}},
+    })
+
+
+def saved_latent(server: ComfyServer, entry: dict[str, Any], node: str) -> np.ndarray:
+    """The latent a SaveLatent node `node` wrote for a finished prompt."""
+    from safetensors.numpy import load_file
+
+    item = entry["outputs"][node]["latents"][0]
+    return load_file(os.path.join(server.output_dir, item["subfolder"], item["filename"]))["latent_tensor"]
+
+
+def saved_hole(server: ComfyServer, entry: dict[str, Any]) -> np.ndarray:
+    """The hole (bool H×W) of a prompt built with `add_branch_checks`."""
+    return saved_pixels(server, entry, CHECK_NODES["mask"])[..., 0] > 127
+
+
+def outside(hole: np.ndarray, band: int) -> np.ndarray:
+    """Pixels farther than `band` px (square neighbourhood) from the hole."""
+    import cv2
+
+    return cv2.dilate(hole.astype(np.uint8), np.ones((2 * band + 1, 2 * band + 1), np.uint8)) == 0
+
+
+def branch_problems(on: np.ndarray, off: np.ndarray, hole: np.ndarray, keep: np.ndarray,
+                    outside_tolerance: float) -> list[str]:
+    """What is wrong with a pair of decoded pictures of one graph with the branch on and off (scale 0): the hole must
+    differ by BRANCH_HOLE_MARGIN (mean |difference| in 8-bit levels), the `keep` pixels (outside hole + band) by at
+    most `outside_tolerance` levels (0 with stitch: equal). Empty = the branch visibly acted, and only in the hole."""
+    if on.shape != off.shape or not hole.any() or not keep.any():
+        return [f"shapes {on.shape}/{off.shape}, {int(hole.sum())} hole and {int(keep.sum())} kept pixels"]
+    diff = np.abs(on.astype(np.float32) - off.astype(np.float32)).mean(-1)
+    problems = []
+    if diff[hole].mean() < BRANCH_HOLE_MARGIN:
+        problems.append(f"the branch changes the hole by {diff[hole].mean():.2f} levels on average, under the "
+                        f"{BRANCH_HOLE_MARGIN} margin: it did not act")
+    if diff[keep].max() > outside_tolerance:
+        problems.append(f"the branch changes pixels outside the hole and its band by up to {diff[keep].max():.2f} "
+                        f"levels (allowed {outside_tolerance})")
+    return problems
+
+
+def decoded_branch_problems(server: ComfyServer, on: dict[str, Any], off: dict[str, Any],
+                            picture: str = "9") -> list[str]:
+    """`branch_problems` for a graph without stitch and its `branch_off` twin, both built with `add_branch_checks`
+    (`picture`: the SaveImage node of the decoded result): the hole differs by the margin, the sampled latents are
+    equal farther than LATENT_BAND_CELLS from the hole, and the decoded pixels farther than DECODE_BAND px differ by
+    no more than the VAE round trip changes the picture there."""
+    hole = saved_hole(server, on)
+    source = saved_pixels(server, on, CHECK_NODES["source"]).astype(np.float32)
+    round_trip = saved_pixels(server, on, CHECK_NODES["round_trip"]).astype(np.float32)
+    keep = outside(hole, DECODE_BAND)
+    tolerance = float(np.abs(round_trip - source).mean(-1)[keep].max()) if keep.any() else 0.0
+    problems = branch_problems(saved_pixels(server, on, picture), saved_pixels(server, off, picture), hole, keep,
+                               tolerance)
+    latent_on, latent_off = saved_latent(server, on, CHECK_NODES["latent"]), saved_latent(server, off,
+                                                                                      CHECK_NODES["latent"])
+    cells = latent_on.shape[-2:]
+    # A latent cell is near the hole when its 8x8 pixels, grown by LATENT_BAND_CELLS cells, touch it.
+    hole_cells = hole[: cells[0] * 8, : cells[1] * 8].reshape(cells[0], 8, cells[1], 8).any(axis=(1, 3))
+    far = outside(hole_cells, LATENT_BAND_CELLS)
+    if not far.any():
+        problems.append("no latent cell lies outside the hole and its band: the check needs a smaller hole")
+    elif not np.array_equal(latent_on[..., far], latent_off[..., far]):
+        problems.append(f"the branch changed the kept latent outside the hole (max |difference| "
+                        f"{np.abs(latent_on[..., far] - latent_off[..., far]).max():.3g})")
+    if np.array_equal(latent_on, latent_off):
+        problems.append("the sampled latents are equal with the branch on and off")
+    return problems
 
 
 def save_json(path: str, data: Any) -> None:

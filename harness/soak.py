@@ -5,6 +5,7 @@ pass/fail rules. ``tests/test_reliability.py`` runs it briefly; ``bench/soak.py`
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -15,7 +16,8 @@ import torch
 from PIL import Image
 
 from harness.models import branch_file, sd15_checkpoint, sd15_checkpoint_variant
-from harness.server import ComfyServer, error_text, start_server
+from harness.server import (ComfyServer, add_branch_checks, branch_off, decoded_branch_problems, error_text,
+                            saved_pixels, start_server)
 
 # The reference level is taken once the first prompts have loaded everything a prompt needs (checkpoint, branch,
 # sampler, CLIP, VAE) and allocator pools have reached their working size.
@@ -31,6 +33,9 @@ BRANCH_SDXL = "tiny-sdxl-branch.safetensors"
 WIDTH, HEIGHT = 64, 48
 MASK_MODES = ("box", "irregular", "segmentation", "paper_mix")
 LEAK_TEXT = "Potential memory leak"
+# A prompt run again (same graph, same seed) after checkpoint and branch swaps must give the same picture: exactly on
+# a CPU; the levels allow a GPU's non-deterministic kernels.
+REPEAT_TOLERANCE = 2
 
 
 # ----------------------------------------------------------------------------------------------------- server set-up
@@ -100,9 +105,11 @@ def loaded_image(nodes: dict[str, Any], size: tuple[int, int] | None = None, fir
 def inpaint_prompt(*, seed: int = 7, scale: float = 1.0, steps: int = 2, ckpt: str = CKPT_A, branch: str = BRANCH_A,
                    image: Callable[[dict[str, Any]], Ref] | None = None,
                    mask: Callable[[dict[str, Any]], Ref] | None = None,
-                   mask_mode: str | None = None, mask_seed: int = 0, prefix: str = "reliability") -> dict[str, Any]:
+                   mask_mode: str | None = None, mask_seed: int = 0, prefix: str = "reliability",
+                   checks: bool = False) -> dict[str, Any]:
     """The user's inpaint workflow in API format. `image`/`mask` add their source nodes and return the output to
-    use; by default soak.png and a centred rectangle. `mask_mode` routes the mask through PainterNetMaskGenerator."""
+    use; by default soak.png and a centred rectangle. `mask_mode` routes the mask through PainterNetMaskGenerator.
+    `checks` also saves what `decoded_branch_problems` compares (`add_branch_checks`)."""
     nodes: dict[str, Any] = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple on a table", "clip": ["1", 1]}},
@@ -126,7 +133,10 @@ def inpaint_prompt(*, seed: int = 7, scale: float = 1.0, steps: int = 2, ckpt: s
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
     })
+    if checks:
+        add_branch_checks(nodes, image_ref, mask_ref, ["7", 0], ["1", 2], prefix)
     return nodes
+
 
 
 # ------------------------------------------------------------------------------------------------ outcome helpers
@@ -180,6 +190,8 @@ class SoakStep:
     label: str
     prompt: dict[str, Any]
     interrupt: bool = False
+    same_as: int | None = None  # a repeat of that step's prompt: the picture must be the same
+    branch_off_of: int | None = None  # that step's prompt at scale 0: the branch must have changed its hole
 
 
 @dataclass
@@ -198,7 +210,9 @@ def soak_plan(n: int) -> list[SoakStep]:
     """`n` prompts: checkpoint A + branch A, then checkpoint B (from n/3), branch B (from n/2), one interrupted
     prompt right after the branch swap, and back to A + A for the last quarter, so the end state is the reference
     state and any model the swaps failed to free shows up as growth. Seeds, mask rectangles, mask modes and scales
-    vary per prompt, deterministically."""
+    vary per prompt, deterministically. Outputs are checked against reference runs of the same server: the second
+    prompt is the first one with the branch off (the branch must change the hole), and the last quarter repeats the
+    first prompts exactly (after the swaps and the interrupt, the same graph must give the same picture)."""
     if n < 3 * BASELINE_PROMPTS:
         raise ValueError(f"the soak needs at least {3 * BASELINE_PROMPTS} prompts for its phases, got {n}")
     rng = np.random.default_rng(2024)
@@ -213,6 +227,18 @@ def soak_plan(n: int) -> list[SoakStep]:
         scale = (1.0, 0.5, 1.5, 0.0, 0.8)[i % 5]
         interrupt = i == branch_swap + 1
         label = f"{ckpt.split('.')[0]}/{branch.split('.')[0]} seed={100 + i} mask={mode}@{w}x{h}+{x}+{y} scale={scale}"
+        if i == 1:
+            steps.append(SoakStep(i, f"{steps[0].label.replace('scale=1.0', 'scale=0.0')} (prompt 1, branch off)",
+                                  branch_off(steps[0].prompt, suffix="-off"), branch_off_of=0))
+            continue
+        if i >= back and i - back < ckpt_swap:
+            ref = steps[i - back]
+            prompt = json.loads(json.dumps(ref.prompt))
+            for node in prompt.values():
+                if "filename_prefix" in node["inputs"]:
+                    node["inputs"]["filename_prefix"] += f"-again-{i:03d}"
+            steps.append(SoakStep(i, f"{ref.label} (prompt {ref.index + 1} again)", prompt, same_as=ref.index))
+            continue
         if interrupt:
             # Long enough to still be sampling when the interrupt lands after the first step.
             big = (2 * WIDTH, 2 * HEIGHT)
@@ -222,9 +248,9 @@ def soak_plan(n: int) -> list[SoakStep]:
                                     prefix=f"soak-{i:03d}")
             label = f"{ckpt.split('.')[0]}/{branch.split('.')[0]} {big[0]}x{big[1]} 40 steps, interrupted"
         else:
-            prompt = inpaint_prompt(seed=100 + i, scale=scale, ckpt=ckpt, branch=branch,
+            prompt = inpaint_prompt(seed=100 + i, scale=1.0 if i == 0 else scale, ckpt=ckpt, branch=branch,
                                     mask=lambda nodes, box=(x, y, w, h): rect_mask(nodes, WIDTH, HEIGHT, box),
-                                    mask_mode=mode, mask_seed=i, prefix=f"soak-{i:03d}")
+                                    mask_mode=mode, mask_seed=i, prefix=f"soak-{i:03d}", checks=i == 0)
         steps.append(SoakStep(i, label, prompt, interrupt))
     return steps
 
@@ -273,7 +299,11 @@ def run_soak(server: ComfyServer, n: int,
                         record = SoakRecord(
                             step.index, step.label, outcome(entry), seconds, rss, gpu,
                             len(entry.get("outputs", {}).get("9", {}).get("images", [])),
-                            {"interrupt": step.interrupt, "interrupted_node": interrupted_node(entry)})
+                            {"interrupt": step.interrupt, "interrupted_node": interrupted_node(entry),
+                             "same_as": step.same_as, "branch_off_of": step.branch_off_of})
+                        if record.outcome == "success" and record.images:
+                            record.extra["pixels"] = saved_pixels(server, entry, "9")
+                            record.extra["entry"] = entry
                         records.append(record)
                         if report is not None:
                             report(record)
@@ -329,6 +359,23 @@ def soak_problems(server: ComfyServer, records: list[SoakRecord]) -> list[str]:
             problems.append(f"prompt {r.index} was interrupted in {r.extra['interrupted_node']}, not while sampling")
         elif wanted == "success" and r.images != 1:
             problems.append(f"prompt {r.index} ({r.label}) saved {r.images} images")
+    pixels = {r.index: r.extra.get("pixels") for r in records}
+    for r in records:
+        if r.extra.get("same_as") is not None and pixels[r.index] is not None:
+            want = pixels[r.extra["same_as"]]
+            if want is None:
+                problems.append(f"prompt {r.index} repeats prompt {r.extra['same_as']}, which saved no picture")
+                continue
+            diff = np.abs(pixels[r.index].astype(np.int16) - want.astype(np.int16)).max()
+            if diff > REPEAT_TOLERANCE:
+                problems.append(f"prompt {r.index} ({r.label}) differs from its first run by up to {diff} levels")
+        if r.extra.get("branch_off_of") is not None and pixels[r.index] is not None:
+            on = records[r.extra["branch_off_of"]]
+            if on.extra.get("entry") is None:
+                problems.append(f"prompt {on.index} saved nothing to check the branch against")
+                continue
+            problems += [f"prompt {on.index} vs {r.index} (branch off): {p}"
+                         for p in decoded_branch_problems(server, on.extra["entry"], r.extra["entry"])]
     baseline, final = records[BASELINE_PROMPTS - 1].rss, records[-1].rss
     if final - baseline > RSS_MARGIN_BYTES:
         problems.append(f"RSS grew {(final - baseline) / 2**20:.0f} MiB (from {baseline / 2**20:.0f} MiB after "

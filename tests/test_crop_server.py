@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import REPO
 from harness.models import branch_file, sd15_checkpoint
 from painternet_core.shapes import render_mask
-from harness.server import error_text, start_server
+from harness.server import branch_off, branch_problems, error_text, saved_pixels, start_server
 
 pytestmark = pytest.mark.server
 
@@ -77,13 +77,6 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def saved_pixels(server, entry: dict[str, Any], node: str) -> np.ndarray:
-    image = entry["outputs"][node]["images"][0]
-    path = os.path.join(server.output_dir, image["subfolder"], image["filename"])
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_example_workflows_match_the_server_nodes(server, name):
     info = server.object_info()
@@ -125,7 +118,11 @@ def test_sd15_crop_stitch_workflow_runs_and_keeps_the_photo(server):
     r = crop_inputs["grow"] + crop_inputs["feather"]
     band = cv2.dilate(hole.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
     assert np.array_equal(out[~band], original[~band])
-    assert (out[hole] != original[hole]).any()
+    # The branch acts: the same graph at scale 0 paints another hole and stitches the same photo around it.
+    off = server.run(branch_off(prompt))
+    assert off["status"]["status_str"] == "success", error_text(off)
+    problems = branch_problems(out, saved_pixels(server, off, kinds["SaveImage"]), hole, ~band, 0)
+    assert not problems, "; ".join(problems)
 
 
 def test_sd15_outpaint_workflow_extends_the_photo(server):
@@ -150,6 +147,12 @@ def test_sd15_outpaint_workflow_extends_the_photo(server):
     keep = WIDTH - crop_inputs["grow"] - crop_inputs["feather"] - 1
     assert np.array_equal(out[:, :keep], original[:, :keep])
     assert (out[:, WIDTH:] != np.uint8(255.0 * 0.5)).mean() > 0.5  # the grey padding (0.5) was painted over
+    off = server.run(branch_off(prompt))
+    assert off["status"]["status_str"] == "success", error_text(off)
+    hole, kept = np.zeros(out.shape[:2], bool), np.zeros(out.shape[:2], bool)
+    hole[:, WIDTH:], kept[:, :keep] = True, True
+    problems = branch_problems(out, saved_pixels(server, off, kinds["SaveImage"]), hole, kept, 0)
+    assert not problems, "; ".join(problems)
 
 
 def crop_graph(mask: list | None = None, image: list | None = None, stitch_image: list | None = None,

@@ -21,15 +21,16 @@ import struct
 import zlib
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import requests
 import torch
 
 from harness.models import branch_file
-from harness.server import ComfyServer, error_text
-from harness.soak import (BASELINE_PROMPTS, BRANCH_A, BRANCH_SDXL, HEIGHT, LEAK_TEXT, RSS_MARGIN_BYTES, WIDTH, Ref,
-                          inpaint_prompt, loaded_image, outcome, rect_mask, run_soak, saved_images, setup_server,
-                          soak_problems, solid_mask)
+from harness.server import ComfyServer, branch_off, decoded_branch_problems, error_text, saved_pixels
+from harness.soak import (BASELINE_PROMPTS, BRANCH_A, BRANCH_SDXL, HEIGHT, LEAK_TEXT, REPEAT_TOLERANCE,
+                          RSS_MARGIN_BYTES, WIDTH, Ref, inpaint_prompt, loaded_image, outcome, rect_mask, run_soak,
+                          saved_images, setup_server, soak_problems, solid_mask)
 
 SOAK_PROMPTS = int(os.environ.get("PAINTERNET_SOAK_PROMPTS", "12"))
 
@@ -43,25 +44,48 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-_valid_seed = iter(range(5000, 10**6))
+# The valid prompts alternate between these two (seed, scale): consecutive valid prompts always differ, and no bad
+# case uses either, so the sampler and Apply really run again instead of coming from ComfyUI's cache.
+VALID_SETTINGS = ((5001, 0.7), (5002, 1.3))
+_valid_turn = iter(range(10**6))
 
 
-def assert_next_valid_prompt_succeeds(server: ComfyServer) -> None:
-    # A fresh seed and scale so the sampler and Apply really run again instead of coming from ComfyUI's cache.
-    seed = next(_valid_seed)
-    entry = server.run(inpaint_prompt(seed=seed, scale=0.7 + (seed % 7) / 10, steps=1, prefix="valid"))
+@pytest.fixture(scope="module")
+def references(server) -> dict[tuple[int, float], Any]:
+    """The reference run of each valid prompt on the fresh server, before any bad input, and the proof that the
+    branch acts in it: the same graph at scale 0 changes the hole by the stated margin and leaves the rest alone."""
+    refs = {}
+    for seed, scale in VALID_SETTINGS:
+        prompt = inpaint_prompt(seed=seed, scale=scale, steps=1, prefix="reference", checks=True)
+        on, off = server.run(prompt), server.run(branch_off(prompt))
+        assert outcome(on) == outcome(off) == "success", f"{outcome(on)} / {outcome(off)}"
+        problems = decoded_branch_problems(server, on, off)
+        assert not problems, f"seed {seed} scale {scale}: " + "; ".join(problems)
+        refs[seed, scale] = saved_pixels(server, on, "9")
+    return refs
+
+
+def assert_next_valid_prompt_succeeds(server: ComfyServer, references: dict[tuple[int, float], Any]) -> None:
+    """The next valid prompt succeeds and gives the picture of its reference run: a bad input left no state behind
+    (patches, a half-loaded branch, a changed model) that changes what a good prompt computes."""
+    seed, scale = VALID_SETTINGS[next(_valid_turn) % len(VALID_SETTINGS)]
+    entry = server.run(inpaint_prompt(seed=seed, scale=scale, steps=1, prefix="valid", checks=True))
     assert outcome(entry) == "success", f"the valid prompt after the case failed: {outcome(entry)}"
     (pixels,) = saved_images(server, entry)
-    assert pixels.shape == (HEIGHT, WIDTH, 3)
+    diff = np.abs(pixels.astype(np.int16) - references[seed, scale].astype(np.int16)).max()
+    assert diff <= REPEAT_TOLERANCE, f"the valid prompt differs from its reference run by up to {diff} levels"
 
 
 @pytest.mark.server
-def test_soak_memory_stays_flat_and_every_prompt_finishes(server):
+def test_soak_memory_stays_flat_and_every_prompt_finishes(server, references):
     records = run_soak(server, SOAK_PROMPTS)
     problems = soak_problems(server, records)
     assert not problems, "\n".join(problems)
     assert sum(r.outcome == "interrupted" for r in records) == 1
-    assert_next_valid_prompt_succeeds(server)
+    # The output checks ran on real pairs: a repeat of an earlier prompt and the branch-off twin of the first.
+    assert any(r.extra["same_as"] is not None for r in records)
+    assert any(r.extra["branch_off_of"] is not None for r in records)
+    assert_next_valid_prompt_succeeds(server, references)
 
 
 def _write_bad_branches(server: ComfyServer) -> None:
@@ -180,7 +204,7 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], Any]] = [
                              "mask": lambda n: rect_mask(n, 67, 45, (10, 10, 30, 20))}, (1, (64, 40))),
     ("image-nan", {"image": _nan_image}, ["image contains NaN"]),
     # Issue 12: hostile and unlucky inputs.
-    ("branch-header-low-byte-0x80", {"branch": "header-0x80.safetensors"}, (1, (WIDTH, HEIGHT))),
+    ("branch-header-low-byte-0x80", {"branch": "header-0x80.safetensors"}, (1, (WIDTH, HEIGHT))),  # = BRANCH_A
     ("branch-config-out-of-bounds", {"branch": "lying-config.safetensors"},
      ["lying-config.safetensors", "layers_per_block=4000 must be an integer in [1, 4]"]),
     ("branch-config-lies-about-tensors", {"branch": "lying-shapes.safetensors"},
@@ -195,8 +219,15 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], Any]] = [
                                              '"points": [null]}]}')}, ["points[0] must be an [x, y] pair, got None"]),
     ("shapes-over-work-budget", {"mask": _box_mask(_OVER_BUDGET_SHAPES)}, ["units of drawing work", "more than"]),
     ("shapes-box", {"mask": _box_mask('{"version": 1, "shapes": [{"type": "box", "x": 0.25, "y": 0.25, "w": 0.5, '
-                                      '"h": 0.5}]}')}, (1, (WIDTH, HEIGHT))),
+                                      '"h": 0.5}]}')}, (1, (WIDTH, HEIGHT))),  # = the default rectangle
 ]
+
+
+# Succeeding cases that are another spelling of a plain prompt: their picture must equal that prompt's (same seed).
+REFERENCE_KWARGS: dict[str, dict[str, Any]] = {
+    "branch-header-low-byte-0x80": {"branch": BRANCH_A},  # the same tensors, only the header padding differs
+    "shapes-box": {},  # the drawn box covers exactly the default rectangle (16, 12, 32, 24)
+}
 
 
 def _queue_allowing_nan(server: ComfyServer, prompt: dict[str, Any]) -> str:
@@ -211,7 +242,7 @@ def _queue_allowing_nan(server: ComfyServer, prompt: dict[str, Any]) -> str:
 
 @pytest.mark.server
 @pytest.mark.parametrize("case, kwargs, expected", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_gives_documented_result_and_server_stays_usable(server, case, kwargs, expected):
+def test_bad_input_gives_documented_result_and_server_stays_usable(server, references, case, kwargs, expected):
     _write_bad_branches(server)
     kwargs = dict(kwargs)
     edit = kwargs.pop("edit", None)
@@ -233,11 +264,17 @@ def test_bad_input_gives_documented_result_and_server_stays_usable(server, case,
         assert len(images) == count
         for pixels in images:
             assert pixels.shape == (height, width, 3)
-    assert_next_valid_prompt_succeeds(server)
+        if case in REFERENCE_KWARGS:
+            reference = server.run(inpaint_prompt(seed=zlib.crc32(case.encode()) % 1000, prefix=case + "-reference",
+                                                  **REFERENCE_KWARGS[case]))
+            (want,) = saved_images(server, reference)
+            diff = np.abs(images[0].astype(np.int16) - want.astype(np.int16)).max()
+            assert diff <= REPEAT_TOLERANCE, f"{case}: differs from its reference prompt by up to {diff} levels"
+    assert_next_valid_prompt_succeeds(server, references)
 
 
 @pytest.mark.server
-def test_missing_branch_file_is_refused_by_name(server):
+def test_missing_branch_file_is_refused_by_name(server, references):
     with pytest.raises(RuntimeError) as refused:
         server.queue(inpaint_prompt(branch="does-not-exist.safetensors"))
     text = str(refused.value)
@@ -249,7 +286,7 @@ def test_missing_branch_file_is_refused_by_name(server):
     os.remove(os.path.join(folder, "gone.safetensors"))
     with pytest.raises(RuntimeError, match="gone.safetensors"):
         server.queue(inpaint_prompt(branch="gone.safetensors"))
-    assert_next_valid_prompt_succeeds(server)
+    assert_next_valid_prompt_succeeds(server, references)
 
 
 @pytest.mark.server
@@ -373,4 +410,7 @@ def test_wrapper_accepts_and_forwards_unknown_keyword_arguments(injection):
                                               transformer_options=sampling_options(patched, 1.0, [0]))
         future = patched.model.diffusion_model(x, t, context=context,
                                                transformer_options=sampling_options(patched, 1.0, [0]), **FUTURE)
+        base = patcher.model.diffusion_model(x, t, context=context)
+    # Non-trivial tensors: the prediction has a real spread and the branch moved it (so equal means equal work).
+    assert plain.std() > 0.1 and (plain - base).abs().mean() > 0.05 * plain.std()
     assert torch.equal(plain, future)
