@@ -135,6 +135,7 @@ def dynamo_stats() -> dict[str, int]:
 def main() -> None:
     args = parse_args()
     setup_comfy()
+    import comfy.sample
     import torch
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -156,7 +157,12 @@ def main() -> None:
     # Compiled vs eager of the same model: the same numbers up to the backend's kernel differences.
     for name in ("base", "patched"):
         diff = (outputs[name + "+compile"] - outputs[name]).abs().max().item()
-        print(f"max |compiled - eager| {name}: {diff:.2e}")
+        print(f"max |compiled - eager| {name}: {diff:.2e} (max |eager| {outputs[name].abs().max().item():.3g})")
+    # What the model and the branch contribute, so the equalities above compare real outputs: the sampled latent
+    # minus the starting noise (the model's whole effect), and patched minus base (the branch's).
+    noise = comfy.sample.prepare_noise(parts["latent"], args.seed)
+    print(f"max |eager - initial noise| base: {(outputs['base'] - noise).abs().max().item():.3g}; "
+          f"max |patched - base| eager: {(outputs['patched'] - outputs['base']).abs().max().item():.3g}")
     # The timed runs below must not compile anything new: checked by the counters after them.
     counters.clear()
     times: dict[str, list[float]] = {name: [] for name in models}
