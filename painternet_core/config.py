@@ -125,8 +125,8 @@ def check_comfy_supported(unet_config: Mapping[str, Any]) -> None:
     channels, heads = unet_config.get("block_out_channels"), unet_config.get("num_attention_heads")
     heads = heads if heads is not None else unet_config.get("attention_head_dim")
     if isinstance(channels, (list, tuple)) and isinstance(heads, (list, tuple)) and len(heads) == len(channels) \
-            and len(set(heads)) > 1 and all(isinstance(v, int) and v > 0 for v in (*channels, *heads)) \
-            and len({c / h for c, h in zip(channels, heads)}) > 1:
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (*channels, *heads)) \
+            and len(set(heads)) > 1 and len({c / h for c, h in zip(channels, heads)}) > 1:
         raise ValueError(f"unet attention heads {quote(list(heads))} over block_out_channels {quote(list(channels))} "
                          "are not supported: ComfyUI's UNet blocks, from which the PainterNet node rebuilds the branch, "
                          "need one head count for every block or one head size (channels / heads) for every block")

@@ -69,6 +69,9 @@ def test_heads_without_one_count_or_one_size_are_refused_at_both_ends(tmp_path):
     heads = dict(TINY_SD15_UNET, attention_head_dim=[2, 4, 4, 8])  # head sizes 16, 8, 16, 8
     with pytest.raises(ValueError, match=r"attention heads \[2, 4, 4, 8\] .* one head size"):
         PainterNetConfig.from_unet_config(heads)
+    # Malformed head lists are left to the type checks that follow: a ValueError, never a TypeError.
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        PainterNetConfig.from_unet_config(dict(TINY_SD15_UNET, attention_head_dim=[[]] * 4))
     _write(tmp_path / "heads.safetensors", heads)
     with pytest.raises(ValueError, match=r"attention heads \[2, 4, 4, 8\] .* one head size"):
         load_branch(str(tmp_path / "heads.safetensors"))
