@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import pytest
@@ -296,3 +297,66 @@ def test_inpaint_inputs_refuse_empty_and_odd_channel_images(shape, message):
 
     with pytest.raises(ValueError, match=message):
         inpaint_inputs(torch.zeros(shape), torch.ones(1, 16, 16), 8)
+
+
+def _int_refusal(name, value, low, high):
+    return (rf"^painternet_config unet\.{re.escape(name)}={value} must be an integer in \[{low}, {high}\]; the file is "
+            r"damaged or not a supported SD1\.5/SDXL branch$")
+
+
+WIDE = dict(TINY_SD15_UNET, block_out_channels=[256, 256, 512, 512])
+SDXL_TOPOLOGY = dict(SDXL_UNET, block_out_channels=[32, 32, 64], attention_head_dim=[2, 2, 4], cross_attention_dim=64)
+# (topology, field, the largest value a stored config may hold, the smallest)
+INT_BOUNDS = [
+    (TINY_SD15_UNET, "layers_per_block", 4, 1),
+    (TINY_SD15_UNET, "transformer_layers_per_block", 16, 1),
+    (WIDE, "attention_head_dim", 256, 1),
+    (WIDE, "num_attention_heads", 256, 1),
+    (TINY_SD15_UNET, "cross_attention_dim", 8192, 1),
+    (TINY_SD15_UNET, "in_channels", 16, 1),
+    (TINY_SD15_UNET, "out_channels", 16, 1),
+    (SDXL_TOPOLOGY, "addition_time_embed_dim", 16384, 1),
+    (SDXL_TOPOLOGY, "projection_class_embeddings_input_dim", 16384, 1),
+    (TINY_SD15_UNET, "addition_embed_type_num_heads", 256, 1),
+]
+
+
+@pytest.mark.parametrize("unet,name,high,low", INT_BOUNDS, ids=[b[1] for b in INT_BOUNDS])
+def test_validate_unet_integer_bounds_are_inclusive_and_named(unet, name, high, low):
+    from painternet_core.config import validate_unet
+
+    for good in (low, high):
+        validate_unet(dict(unet, **{name: good}))
+    for bad in (low - 1, high + 1):
+        with pytest.raises(ValueError, match=_int_refusal(name, bad, 1, high)):
+            validate_unet(dict(unet, **{name: bad}))
+
+
+def test_validate_unet_channel_block_and_type_rules():
+    from painternet_core.config import validate_unet
+
+    validate_unet(dict(TINY_SD15_UNET, block_out_channels=[4096] * 4, attention_head_dim=8))
+    with pytest.raises(ValueError, match=_int_refusal("block_out_channels[1]", 4097, 1, 4096)):
+        validate_unet(dict(TINY_SD15_UNET, block_out_channels=[32, 4097, 64, 64]))
+    with pytest.raises(ValueError, match=_int_refusal("block_out_channels[0]", True, 1, 4096)):
+        validate_unet(dict(TINY_SD15_UNET, block_out_channels=[True, 32, 64, 64]))
+    six = dict(TINY_SD15_UNET, block_out_channels=[32] * 6, down_block_types=["DownBlock2D"] * 6,
+               up_block_types=["UpBlock2D"] * 6)
+    validate_unet(six)
+    validate_unet(dict(six, block_out_channels=(32,), down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",)))
+    with pytest.raises(ValueError, match=r"^painternet_config unet\.block_out_channels=\[32, 32, 32, 32, 32, 32, 32\] "
+                                         r"must be a list of 1 to 6 channel counts; the file is damaged$"):
+        validate_unet(dict(six, block_out_channels=[32] * 7))
+    with pytest.raises(ValueError, match=r"^painternet_config unet\.block_out_channels=\[64, 96, 64, 64\]: entry 1 "
+                                         r"\(96\) must be a multiple of norm_num_groups \(32\) and of the first entry; "
+                                         r"the file is damaged$"):
+        validate_unet(dict(TINY_SD15_UNET, block_out_channels=[64, 96, 64, 64]))
+    with pytest.raises(ValueError, match=r"^painternet_config unet\.up_block_types=\['UpBlock2D'\] must list 4 of "
+                                         r"\['CrossAttnUpBlock2D', 'UpBlock2D'\]$"):
+        validate_unet(dict(TINY_SD15_UNET, up_block_types=["UpBlock2D"]))
+    with pytest.raises(ValueError, match=r"^painternet_config unet\.layers_per_block has 3 entries, expected 4 \(one per "
+                                         r"block\): \[1, 2, 2\]; the file is damaged$"):
+        validate_unet(dict(TINY_SD15_UNET, layers_per_block=[1, 2, 2]))
+    with pytest.raises(ValueError, match=r"^painternet_config unet\.attention_head_dim\[0\]=3 does not divide 32 "
+                                         r"channels$"):
+        validate_unet(dict(TINY_SD15_UNET, attention_head_dim=3, num_attention_heads=None))
