@@ -373,5 +373,8 @@ def test_prepare_condition_without_value_checks_takes_the_trainers_batches_as_th
     nan_mask = torch.zeros(1, 16, 16)
     nan_mask[0, 0, 0] = float("nan")
     assert normalize_mask(nan_mask, 16, 16, 1, check_values=False).sum() == 0
+    unchecked = prepare_condition(image, nan_mask, lambda px: px[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4], config,
+                                  check_values=False)
+    assert torch.equal(unchecked, cond)
     with pytest.raises(ValueError, match="NaN"):
         prepare_condition(image, nan_mask, lambda px: px, config)
