@@ -362,19 +362,18 @@ def test_validate_unet_channel_block_and_type_rules():
         validate_unet(dict(TINY_SD15_UNET, attention_head_dim=3, num_attention_heads=None))
 
 
-def test_prepare_condition_without_value_checks_takes_the_trainers_batches_as_they_are():
-    # The trainer's own batches skip the untrusted-input checks (each is a device sync); nothing else changes.
+def test_prepare_condition_without_value_checks_passes_them_to_the_mask_too():
+    # A NaN mask pixel binarises to "known" when the trainer's step skips the value checks, in prepare_condition as
+    # in normalize_mask: the skip reaches normalize_mask.
     config = PainterNetConfig.from_unet_config(TINY_SD15_UNET)
     image = torch.rand(1, 3, 16, 16)
-    cond = prepare_condition(image, torch.zeros(1, 16, 16), lambda px: px[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4],
-                             config, check_values=False)
-    assert cond.shape == (1, 5, 2, 2) and cond[0, 4].eq(0).all()
-    assert torch.equal(cond[:, :3], image[:, :, ::8, ::8])
-    nan_mask = torch.zeros(1, 16, 16)
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 8:, 8:] = 1.0
+    nan_mask = mask.clone()
     nan_mask[0, 0, 0] = float("nan")
-    assert normalize_mask(nan_mask, 16, 16, 1, check_values=False).sum() == 0
-    unchecked = prepare_condition(image, nan_mask, lambda px: px[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4], config,
-                                  check_values=False)
-    assert torch.equal(unchecked, cond)
-    with pytest.raises(ValueError, match="NaN"):
-        prepare_condition(image, nan_mask, lambda px: px, config)
+
+    def encode(px):
+        return px[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4]
+
+    expected = prepare_condition(image, mask, encode, config)
+    assert torch.equal(prepare_condition(image, nan_mask, encode, config, check_values=False), expected)
