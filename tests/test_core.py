@@ -377,3 +377,39 @@ def test_prepare_condition_without_value_checks_passes_them_to_the_mask_too():
 
     expected = prepare_condition(image, mask, encode, config)
     assert torch.equal(prepare_condition(image, nan_mask, encode, config, check_values=False), expected)
+
+
+def test_check_image_names_the_shape_the_channels_and_the_fix():
+    from painternet_core.conditioning import check_image
+
+    assert check_image(torch.zeros(2, 5, 7, 4)) == (2, 5, 7, 4)
+    not_image = r" must be an IMAGE tensor \(B, H, W, C\), got {}; connect an image output \(e\.g\. Load Image\)$"
+    with pytest.raises(ValueError, match="^image" + not_image.format("list")):
+        check_image([[0.0]])
+    with pytest.raises(ValueError, match="^image" + not_image.format(r"\(16, 16, 3\)")):
+        check_image(torch.zeros(16, 16, 3))
+    with pytest.raises(ValueError, match=r"^image batch is empty \(shape \(1, 16, 0, 3\)\): nothing to work on; check "
+                                         r"the node that produced it \(e\.g\. a batch split or a filter that kept no "
+                                         r"image\)$"):
+        check_image(torch.zeros(1, 16, 0, 3))
+    fix = r" \(RGB / RGBA\); convert it first \(e\.g\. split off the extra channels\)$"
+    with pytest.raises(ValueError, match=r"^image has 1 channel \(shape \(1, 2, 2, 1\)\); expected 3 or 4" + fix):
+        check_image(torch.zeros(1, 2, 2, 1))
+    with pytest.raises(ValueError, match=r"^image has 5 channels \(shape \(1, 2, 2, 5\)\); expected 1, 3 or 4" + fix):
+        check_image(torch.zeros(1, 2, 2, 5), channels=(1, 3, 4))
+    with pytest.raises(ValueError, match=r"^image has 4 channels \(shape \(1, 2, 2, 4\)\); expected 3" + fix):
+        check_image(torch.zeros(1, 2, 2, 4), channels=(3,))
+
+
+def test_inpaint_inputs_drop_alpha_keep_the_threshold_and_quote_a_bad_mode_bounded():
+    from painternet_core.conditioning import inpaint_inputs
+
+    image = torch.rand(1, 8, 8, 4)
+    mask = torch.full((1, 8, 8), 0.5)
+    mask[0, :4] = 0.75
+    pixels, hole, noise = inpaint_inputs(image, mask, 8, "soft")
+    assert torch.equal(pixels, image[..., :3].movedim(-1, 1))
+    assert hole[0, 0, :4].eq(1).all() and hole[0, 0, 4:].eq(0).all()  # exactly 0.5 is not hole
+    assert torch.equal(noise[0, 0], mask[0])
+    with pytest.raises(ValueError, match=rf"^noise_mask '{'x' * 200}' is not one of soft, binary$"):
+        inpaint_inputs(image, mask, 8, "x" * 300)
