@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +32,8 @@ WRAPPER_KEY = "painternet"
 RESIDUALS = "painternet_residuals"
 ACTIVE = "painternet_active"  # {apply id: bool}, set outside the compiled region by the APPLY_MODEL wrapper
 AREAS = "painternet_areas"  # {cond uuid: (h, w, y, x) in latent pixels}, set by the CALC_COND_BATCH wrapper
+STEP = "painternet_step"  # StepToken of the sampler evaluation, set by the CALC_COND_BATCH wrapper
+FRESH = "painternet_fresh"  # {apply id: residual set} the branch made in this call, for the APPLY_MODEL wrapper
 _APPLY_IDS = itertools.count()
 
 
@@ -130,11 +133,15 @@ def _fit(residual: torch.Tensor, h: torch.Tensor, where: str, options: dict[str,
     raise _conflict(residual, h, where, options, hook)
 
 
-def _add(h: torch.Tensor, residual: torch.Tensor | None, where: str, options: dict[str, Any],
+def _add(h: torch.Tensor, sets: list[tuple[dict[str, Any], float]] | None,
+         pick: Callable[[dict[str, Any]], torch.Tensor | None], where: str, options: dict[str, Any],
          hook: str) -> torch.Tensor:
-    if residual is None:
-        return h
-    return h + _fit(residual, h, where, options, hook).to(h.dtype)
+    """Add every apply's residual to `h`, each with its scale folded into the add: no scaled or summed copies."""
+    for out, scale in sets or ():
+        residual = pick(out)
+        if residual is not None:
+            h = torch.add(h, _fit(residual, h, where, options, hook).to(h.dtype), alpha=scale)
+    return h
 
 
 def _token_grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int] | None:
@@ -166,67 +173,50 @@ def _fit_tokens(residual: torch.Tensor, n: torch.Tensor, options: dict[str, Any]
 
 
 def input_block_patch(h: torch.Tensor, transformer_options: dict[str, Any], **kwargs: Any) -> torch.Tensor:
-    res = transformer_options.get(RESIDUALS)
-    if res is None:
+    sets = transformer_options.get(RESIDUALS)
+    if not sets:
         return h
     i = transformer_options["block"][1]
-    return _add(h, res["down"][i], f"input block {i}", transformer_options, "input_block_patch")
+    return _add(h, sets, lambda out: out["down"][i], f"input block {i}", transformer_options, "input_block_patch")
 
 
 def output_block_patch(h: torch.Tensor, hsp: torch.Tensor, transformer_options: dict[str, Any],
                        **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    res = transformer_options.get(RESIDUALS)
-    if res is None:
+    sets = transformer_options.get(RESIDUALS)
+    if not sets:
         return h, hsp
     j = transformer_options["block"][1]
     if j == 0:
-        return _add(h, res["mid"], "the middle block", transformer_options, "output_block_patch"), hsp
-    return _add(h, res["up"][res["layout"].after_output[j]], f"output block {j - 1}", transformer_options,
-                "output_block_patch"), hsp
+        return _add(h, sets, lambda out: out["mid"], "the middle block", transformer_options,
+                    "output_block_patch"), hsp
+    return _add(h, sets, lambda out: out["up"][out["layout"].after_output[j]], f"output block {j - 1}",
+                transformer_options, "output_block_patch"), hsp
 
 
 def attn2_output_patch(n: torch.Tensor, extra_options: dict[str, Any], **kwargs: Any) -> torch.Tensor:
-    res = extra_options.get(RESIDUALS)
-    if res is None or not res["attention"]:
+    sets = extra_options.get(RESIDUALS)
+    if not sets:
         return n
     block = extra_options["block"]
-    residual = res["attention"].get((block[0], block[1], extra_options.get("block_index", 0)))
-    if residual is None:
-        return n
-    return n + _fit_tokens(residual, n, extra_options).to(n.dtype)
+    key = (block[0], block[1], extra_options.get("block_index", 0))
+    for out, scale in sets:
+        residual = out["attention"].get(key)
+        if residual is not None:
+            n = torch.add(n, _fit_tokens(residual, n, extra_options).to(n.dtype), alpha=scale)
+    return n
 
 
 def holder_patch(layer: UpsampleHolder, x: torch.Tensor, emb: Any, context: Any, transformer_options: dict[str, Any],
                  output_shape: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
-    res = transformer_options.get(RESIDUALS)
-    if res is not None:
-        x = _add(x, res["up"][layer.point], f"the upsampler of {transformer_options.get('block')}",
-                 transformer_options, "forward_timestep_embed_patch")
+    x = _add(x, transformer_options.get(RESIDUALS), lambda out: out["up"][layer.point],
+             f"the upsampler of {transformer_options.get('block')}", transformer_options, "forward_timestep_embed_patch")
     return layer(x, output_shape=output_shape)
 
 
 def marker_patch(layer: ResidualMarker, x: torch.Tensor, emb: Any, context: Any, transformer_options: dict[str, Any],
                  *args: Any, **kwargs: Any) -> torch.Tensor:
-    res = transformer_options.get(RESIDUALS)
-    if res is None:
-        return x
-    return _add(x, res["up"][layer.point], "the last output block", transformer_options, "forward_timestep_embed_patch")
-
-
-def _merge(total: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """Several applies on one model: their residual sets add up."""
-    if total is None:
-        return new
-    attention = dict(total["attention"])
-    for key, value in new["attention"].items():
-        attention[key] = attention[key] + value if key in attention else value
-    return {
-        "down": [a + b for a, b in zip(total["down"], new["down"])],
-        "mid": total["mid"] + new["mid"],
-        "up": [a + b for a, b in zip(total["up"], new["up"])],
-        "attention": attention,
-        "layout": total["layout"],
-    }
+    return _add(x, transformer_options.get(RESIDUALS), lambda out: out["up"][layer.point], "the last output block",
+                transformer_options, "forward_timestep_embed_patch")
 
 
 def install_layout(model: Any) -> ComfyLayout:
@@ -274,11 +264,115 @@ def _area_crop(condition: torch.Tensor, area: Any) -> torch.Tensor:
     return condition
 
 
-def _chunk_conditions(condition: torch.Tensor, latent: torch.Tensor, options: dict[str, Any]) -> torch.Tensor:
-    """One condition row per latent row: each cond/uncond chunk gets its area's crop (or the whole condition),
-    broadcast like ControlNet's hint (`broadcast_image_to`)."""
-    from comfy.controlnet import broadcast_image_to
+@dataclass(frozen=True)
+class BranchContext:
+    """The branch's own text context, for branches not trained on the base's prompt (PowerPaint v2 sees task tokens
+    only). `cond` (1,T,C) goes to the cond chunks and `uncond` (1,T,C) to the uncond chunks of each model call, chosen
+    by transformer_options["cond_or_uncond"], never by batch position: at cfg 1 ComfyUI runs the cond chunk alone."""
 
+    cond: torch.Tensor
+    uncond: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for name, t in (("cond", self.cond), ("uncond", self.uncond)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != 1:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"BranchContext.{name} is {got}; expected a (1, tokens, channels) tensor")
+        if self.cond.shape != self.uncond.shape:
+            raise ValueError(f"BranchContext cond {tuple(self.cond.shape)} and uncond {tuple(self.uncond.shape)} "
+                             "differ; encode both to the same token count")
+
+
+@dataclass(frozen=True)
+class BranchReuse:
+    """Run the branch on some sampling steps only and reuse its last residuals (and ACP outputs) on the others.
+
+    `every`: the branch runs on every `every`-th step of its window (1 = every step). `max_change`: when set, a
+    skipped step runs the branch anyway once the branch input (the scaled noisy latent) has moved by more than this
+    relative L2 change since the branch last ran."""
+
+    every: int = 1
+    max_change: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"BranchReuse.every={self.every!r}; need an integer >= 1 (1 runs the branch every step)")
+        if self.max_change is not None and not (0.0 <= float(self.max_change) < float("inf")):
+            raise ValueError(f"BranchReuse.max_change={self.max_change!r}; need a finite number >= 0 or None")
+
+
+class _Run:
+    """What one apply needs per sampling run: the window in sigmas, the condition (and branch context) already on
+    the sampling device in the branch's dtype, and the step-reuse bookkeeping. Set by the OUTER_SAMPLE wrapper from
+    the model the sampler really uses; outside a sampling run (a direct diffusion-model call) apply-time values hold."""
+
+    def __init__(self, condition: torch.Tensor, context: BranchContext | None, window: tuple[float, float],
+                 percents: tuple[float, float], sampling: Any, reuse: BranchReuse | None) -> None:
+        self.percents = percents
+        self.reuse = reuse
+        self.default = (condition, context, window, sampling)
+        self.condition, self.context, self.window, self.sampling = self.default
+        self.reset_steps()
+
+    def reset_steps(self) -> None:
+        self.evaluations = 0  # in-window model evaluations (distinct sigmas) so far in this run
+        self.since_run = 0
+        self.sigma: float | None = None
+        self.run_now = True
+        self.last_input: torch.Tensor | None = None
+
+    def begin(self, model_sampling: Any, device: Any, dtype: torch.dtype) -> tuple[Any, ...]:
+        previous = (self.condition, self.context, self.window, self.sampling, self.evaluations, self.since_run,
+                    self.sigma, self.run_now, self.last_input)
+        condition, context, window, sampling = self.default
+        if model_sampling is not None:
+            sampling = model_sampling
+            window = (float(model_sampling.percent_to_sigma(self.percents[0])),
+                      float(model_sampling.percent_to_sigma(self.percents[1])))
+        if device is not None:
+            condition = condition.to(device=device, dtype=dtype)
+            if context is not None:
+                context = BranchContext(context.cond.to(device=device, dtype=dtype),
+                                        context.uncond.to(device=device, dtype=dtype))
+        self.condition, self.context, self.window, self.sampling = condition, context, window, sampling
+        self.reset_steps()
+        return previous
+
+    def end(self, previous: tuple[Any, ...]) -> None:
+        (self.condition, self.context, self.window, self.sampling, self.evaluations, self.since_run, self.sigma,
+         self.run_now, self.last_input) = previous
+
+    def runs_branch(self, sigma: float, x: torch.Tensor) -> bool:
+        """Whether the branch runs at this in-window evaluation (False: reuse the last residuals). Decided once per
+        sigma, so split cond/uncond calls and PAG's extra call of the same step agree."""
+        if self.reuse is None:
+            return True
+        if sigma == self.sigma:
+            return self.run_now
+        self.sigma = sigma
+        self.evaluations += 1
+        run = self.evaluations == 1 or self.since_run + 1 >= self.reuse.every
+        scaled = None
+        if self.reuse.max_change is not None:
+            scaled = self.sampling.calculate_input(torch.full((x.shape[0],), sigma, device=x.device), x)
+            last = self.last_input
+            if not run and last is not None and last.shape == scaled.shape:
+                # One device->host sync per evaluation, outside any compiled region.
+                change = float(torch.linalg.vector_norm(scaled - last) / torch.linalg.vector_norm(last).clamp_min(1e-12))
+                run = change > self.reuse.max_change
+            elif last is None or last.shape != scaled.shape:
+                run = True
+        self.since_run = 0 if run else self.since_run + 1
+        if run and scaled is not None:
+            self.last_input = scaled
+        self.run_now = run
+        return run
+
+
+def _branch_input(condition: torch.Tensor, latent: torch.Tensor, options: dict[str, Any],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The branch's (B, 4+C, h, w) input, written once: the latent and, per cond/uncond chunk, its area's crop of the
+    condition (or the whole condition) broadcast to the chunk's rows, cast in the same copy."""
     cond_or_uncond = options.get("cond_or_uncond") or [0]
     chunks = len(cond_or_uncond)
     per_chunk = latent.shape[0] // chunks
@@ -287,7 +381,11 @@ def _chunk_conditions(condition: torch.Tensor, latent: torch.Tensor, options: di
     cropped = latent.shape[-2:] != condition.shape[-2:]
     areas = (options.get(AREAS) or {}) if cropped else {}
     uuids = (options.get("uuids") or []) if areas else []
-    rows = []
+    if condition.device != latent.device:
+        condition = condition.to(latent.device)
+    x = torch.empty((latent.shape[0], latent.shape[1] + condition.shape[1]) + tuple(latent.shape[2:]), dtype=dtype,
+                    device=latent.device)
+    x[:, :latent.shape[1]] = latent
     for o in range(chunks):
         area = areas.get(uuids[o]) if o < len(uuids) else None
         c = _area_crop(condition, area)
@@ -298,118 +396,188 @@ def _chunk_conditions(condition: torch.Tensor, latent: torch.Tensor, options: di
                 + (f" (area {tuple(area)} in latent pixels)" if area is not None else "")
                 + "; sample the LATENT that PainterNetApply outputs (or an image of the same size)")
         if c.shape[0] not in (1, per_chunk):
-            # broadcast_image_to would repeat the images cyclically (2 images for 3 latents: 0, 1, 0).
             raise ValueError(f"PainterNetApply got {c.shape[0]} images but the latent batch is {per_chunk}; "
                              "use 1 image or one per latent")
-        c = broadcast_image_to(c, per_chunk, 1)
-        if c.shape[0] == 1:
-            c = c.expand(per_chunk, -1, -1, -1)
-        if c.shape[0] != per_chunk:
-            raise ValueError(f"PainterNetApply got {condition.shape[0]} images but the latent batch is {per_chunk}; "
-                             "use 1 image or one per latent")
-        rows.append(c)
-    return rows[0] if chunks == 1 else torch.cat(rows)
+        x[o * per_chunk:(o + 1) * per_chunk, latent.shape[1]:] = c
+    return x
+
+
+def _branch_context(context: BranchContext, rows: int, options: dict[str, Any]) -> torch.Tensor:
+    """Each chunk's rows get the cond or uncond context its `cond_or_uncond` entry names (0 cond, 1 uncond)."""
+    cond_or_uncond = options.get("cond_or_uncond") or [0]
+    per_chunk = rows // len(cond_or_uncond)
+    parts = []
+    for kind in cond_or_uncond:
+        if kind not in (0, 1):
+            raise ValueError(f"cond_or_uncond entry {kind!r}: a branch context knows cond (0) and uncond (1) only")
+        parts.append((context.cond if kind == 0 else context.uncond).expand(per_chunk, -1, -1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _in_range(sigmas: Any, sigma_start: float, sigma_end: float) -> bool:
     return sigmas is None or sigma_end <= float(sigmas.reshape(-1)[0]) <= sigma_start
 
 
-def make_apply_model_wrapper(apply_id: int, sigma_start: float, sigma_end: float) -> Callable[..., Any]:
-    """Decides, outside any compiled diffusion model, whether this apply's branch runs at this step, and hands the
-    answer in as a Python bool: `float(sigma)` inside a `TorchCompileModel` region would break its graph each call."""
+def make_apply_model_wrapper(apply_id: int, run: _Run, cache: BranchRowCache | None = None) -> Callable[..., Any]:
+    """Takes every host-side decision outside any compiled diffusion model and hands it in as a Python value in
+    transformer_options[ACTIVE][apply_id]: False (outside the window: the branch is not run), True (run the branch),
+    or the residual set to reuse (same-step rows for PAG, or the last run's rows on a step that `reuse` skips).
+    `float(sigma)`, step tokens and uuids inside a `TorchCompileModel` region would break or re-guard its graph. New
+    residuals come back through transformer_options[FRESH] and are cached here."""
 
     def apply_model_wrapper(executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any = None,
                             c_crossattn: Any = None, control: Any = None,
                             transformer_options: dict[str, Any] | None = None, **kwargs: Any) -> torch.Tensor:
         if transformer_options is None:
             transformer_options = {}
+        sigmas = transformer_options.get("sigmas", t)
+        decision: Any = _in_range(sigmas, *run.window)
+        step = transformer_options.get(STEP)
+        uuids = tuple(transformer_options.get("uuids") or ())
+        chunks = len(transformer_options.get("cond_or_uncond") or [0])
+        key = (x.shape[0] // chunks, tuple(x.shape[1:]))
+        caching = (cache is not None and step is not None and len(uuids) == chunks
+                   and (REUSE_IDENTICAL_CALLS or run.reuse is not None))
+        if decision and caching:
+            skip = not run.runs_branch(float(sigmas.reshape(-1)[0]), x)
+            reused = cache.lookup(step, uuids, *key, any_step=skip) if skip or REUSE_IDENTICAL_CALLS else None
+            if reused is not None:
+                decision = reused
+            else:
+                cache.keep_step(step)  # the previous residuals go before new ones are made: one set alive
         active = dict(transformer_options.get(ACTIVE) or {})
-        active[apply_id] = _in_range(transformer_options.get("sigmas", t), sigma_start, sigma_end)
+        active[apply_id] = decision
         transformer_options[ACTIVE] = active
+        fresh = transformer_options.setdefault(FRESH, {}) if decision is True and caching else None
         try:
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            if fresh is not None and apply_id in fresh:
+                cache.store(step, uuids, *key, fresh[apply_id])
+            return out
         finally:
             active.pop(apply_id, None)
             if not active:
                 transformer_options.pop(ACTIVE, None)
+            if fresh is not None:
+                fresh.pop(apply_id, None)
+                if not fresh:
+                    transformer_options.pop(FRESH, None)
 
     return apply_model_wrapper
+
+
+class StepToken:
+    """Names one sampler evaluation: the very tensors `calc_cond_batch` got for x and sigma, unmodified since. Two
+    calls with equal tokens feed each cond the same branch input (the crop of x for its area, scaled for sigma), so
+    a guider that re-runs cond rows in the same step (PerturbedAttentionGuidance) gets them without comparing values
+    (each `torch.equal` is a device->host sync). Weak references: the token keeps nothing alive."""
+
+    def __init__(self, *tensors: Any) -> None:
+        self.refs = tuple(weakref.ref(t) if isinstance(t, torch.Tensor) else t for t in tensors)
+        self.versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in tensors)
+
+    def same(self, other: StepToken | None) -> bool:
+        if other is None or len(other.refs) != len(self.refs) or other.versions != self.versions:
+            return False
+        for a, b in zip(self.refs, other.refs):
+            if isinstance(a, weakref.ref) and isinstance(b, weakref.ref):
+                if a() is None or a() is not b():
+                    return False
+            elif a is not b:
+                return False
+        return True
 
 
 def calc_cond_batch_wrapper(executor: Any, model: Any, conds: list[list[dict[str, Any]]], x_in: torch.Tensor,
                             timestep: Any, model_options: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
     """Record each cond's area (latent pixels) by uuid so the DIFFUSION_MODEL wrapper can crop the branch condition
-    for the chunk ComfyUI runs on that area. Without areas the options pass through untouched."""
+    for the chunk ComfyUI runs on that area, and the step token that lets same-step calls share branch rows."""
+    options = dict(model_options.get("transformer_options", {}))
     areas = {c["uuid"]: tuple(c["area"]) for group in conds if group for c in group
              if c is not None and c.get("area") is not None and "uuid" in c}
     if areas:
-        options = dict(model_options.get("transformer_options", {}))
         options[AREAS] = areas
-        model_options = dict(model_options, transformer_options=options)
+    options[STEP] = StepToken(x_in, timestep)
+    model_options = dict(model_options, transformer_options=options)
     return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
 
 
-REUSE_IDENTICAL_CALLS = True  # reuse branch rows across calls whose inputs are equal (PAG); tests compare with off
+REUSE_IDENTICAL_CALLS = True  # reuse branch rows across same-step calls (PAG); tests compare with off
 
 
 class BranchRowCache:
-    """The branch's unscaled residuals of the last call and the inputs that produced them, for one apply.
+    """The unscaled residuals of this apply's branch calls in the current step (never more than one step's).
 
     The branch is a pure function of each row's (input, timestep, context, y): rows are independent (GroupNorm and
     attention never mix batch rows) and the branch gets its own clean transformer_options, so a guider that calls the
-    model again with equal inputs in the same step (PerturbedAttentionGuidance re-runs the cond rows with a perturbed
-    *base* self-attention) gets the same residuals. Equality is checked on the values (`torch.equal`), never assumed;
-    the cache is emptied at the end of each sampling run so nothing outlives it."""
+    model again in the same step for the same cond (PAG re-runs the cond rows with a perturbed *base* self-attention)
+    gets the same residuals. "Same step, same cond" is the step token plus the cond's uuid, never a value
+    comparison; the cache is emptied at the end of each sampling run so nothing outlives it."""
 
     def __init__(self) -> None:
-        self.inputs: tuple[Any, ...] | None = None
-        self.out: dict[str, Any] | None = None
+        self.step: StepToken | None = None
+        self.calls: list[tuple[tuple[Any, ...], int, tuple[int, ...], dict[str, Any]]] = []
 
     def clear(self) -> None:
-        self.inputs = self.out = None
+        self.step, self.calls = None, []
 
-    def lookup(self, inputs: tuple[Any, ...]) -> dict[str, Any] | None:
-        if self.inputs is None or self.out is None:
+    def keep_step(self, step: StepToken | None) -> None:
+        """Drop what another step left, before new residuals are made: one step's set alive, not two."""
+        if step is None or not step.same(self.step):
+            self.clear()
+            self.step = step
+
+    def lookup(self, step: StepToken | None, uuids: tuple[Any, ...], per_chunk: int, shape: tuple[int, ...],
+               any_step: bool = False) -> dict[str, Any] | None:
+        """The cached rows of these conds' chunks: from this very step, or (`any_step`, a step that branch reuse
+        skips) from the last step the branch ran."""
+        if step is None or not uuids or not (any_step or step.same(self.step)):
             return None
-        rows = []
-        for i in range(inputs[0].shape[0]):
-            match = next((j for j in range(self.inputs[0].shape[0])
-                          if all(_row_equal(a, b, i, j) for a, b in zip(inputs, self.inputs))), None)
-            if match is None:
-                return None
-            rows.append(match)
-        index = torch.tensor(rows, device=self.out["mid"].device)
-        pick = lambda t: t.index_select(0, index)  # noqa: E731
-        return {"down": [pick(r) for r in self.out["down"]], "mid": pick(self.out["mid"]),
-                "up": [pick(r) for r in self.out["up"]], "attention": {k: pick(v) for k, v in self.out["attention"].items()}}
+        for cached, rows, cached_shape, out in self.calls:
+            if rows != per_chunk or cached_shape != shape or not all(u in cached for u in uuids):
+                continue
+            index = [cached.index(u) for u in uuids]
+            if index == list(range(index[0], index[0] + len(index))):
+                pick = lambda t: t.narrow(0, index[0] * rows, len(index) * rows)  # noqa: E731
+            else:
+                picked = torch.tensor([i * rows + r for i in index for r in range(rows)], device=out["mid"].device)
+                pick = lambda t: t.index_select(0, picked)  # noqa: E731
+            return {"down": [pick(r) for r in out["down"]], "mid": pick(out["mid"]), "up": [pick(r) for r in out["up"]],
+                    "attention": {k: pick(v) for k, v in out["attention"].items()}, "layout": out["layout"]}
+        return None
 
-    def store(self, inputs: tuple[Any, ...], out: dict[str, Any]) -> None:
-        self.inputs, self.out = inputs, out
-
-
-def _row_equal(a: Any, b: Any, i: int, j: int) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.shape[1:] == b.shape[1:] and a.dtype == b.dtype and torch.equal(a[i], b[j])
+    def store(self, step: StepToken | None, uuids: tuple[Any, ...], per_chunk: int, shape: tuple[int, ...],
+              out: dict[str, Any]) -> None:
+        if step is not None and uuids:
+            self.keep_step(step)
+            self.calls.append((uuids, per_chunk, shape, out))
 
 
-def make_outer_sample_wrapper(cache: BranchRowCache) -> Callable[..., Any]:
+def make_outer_sample_wrapper(cache: BranchRowCache, run: _Run, branch: Any) -> Callable[..., Any]:
+    """At the start of each sampling run: the window from the model_sampling of the model the guider samples (a
+    ModelSampling node placed after Apply counts, as it does for ControlNet's `pre_run`), and the condition moved to
+    the device once. At the end: nothing of the run is kept."""
+
     def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        patcher = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
+        sampling = patcher.get_model_object("model_sampling") if patcher is not None else None
+        device = getattr(patcher, "load_device", None)
         cache.clear()
+        previous = run.begin(sampling, device, branch.compute_dtype)
         try:
             return executor(*args, **kwargs)
         finally:
+            run.end(previous)
             cache.clear()
 
     return outer_sample_wrapper
 
 
-def make_wrapper(painternet: Any, condition: torch.Tensor, scale: float, sigma_start: float, sigma_end: float,
-                 layout: ComfyLayout, apply_id: int = -1, cache: BranchRowCache | None = None) -> Callable[..., Any]:
+def make_wrapper(painternet: Any, run: _Run, scale: float, layout: ComfyLayout,
+                 apply_id: int = -1) -> Callable[..., Any]:
     """The DIFFUSION_MODEL wrapper for one apply. It holds the condition in its closure (never in model_options,
-    which every clone() deep-copies) and runs the branch only inside the sampling range. Inside a compiled model it
-    does no host-side work: the range decision arrives from the APPLY_MODEL wrapper, and the branch is traced into
+    which every clone() deep-copies) and runs the branch only when the APPLY_MODEL wrapper says so. Inside a compiled
+    model it does no host-side work: decisions and reused residuals arrive as values, and the branch is traced into
     the same graph (static shapes per resolution)."""
     branch = painternet.patcher.model
     expected_down = len(branch.layer_control_down)
@@ -421,32 +589,30 @@ def make_wrapper(painternet: Any, condition: torch.Tensor, scale: float, sigma_s
             transformer_options = {}
         active = transformer_options.get(ACTIVE)
         if active is not None and apply_id in active:
-            in_range = active[apply_id]
+            decision = active[apply_id]
         else:  # called without apply_model (direct diffusion_model calls): decide here, eagerly
-            in_range = _in_range(transformer_options.get("sigmas"), sigma_start, sigma_end)
-        if scale == 0.0 or not in_range:
+            decision = _in_range(transformer_options.get("sigmas"), *run.window)
+        if scale == 0.0 or decision is False:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        latent = x[:, :4]
-        dtype = branch.compute_dtype
-        c = _chunk_conditions(condition.to(latent.device), latent, transformer_options)
-        inputs = (torch.cat([latent, c], dim=1).to(dtype), timesteps,
-                  None if context is None else context.to(dtype), None if y is None else y.to(dtype))
-        # Value comparisons are host-side work: never inside a compiled model, where the branch is traced instead.
-        reuse = cache is not None and REUSE_IDENTICAL_CALLS and not torch.compiler.is_compiling()
-        out = cache.lookup(inputs) if reuse else None
-        if out is None:
-            if reuse:
-                cache.clear()  # the previous residuals go before new ones are made: one set alive, not two
+        if decision is True:
+            dtype = branch.compute_dtype
+            inputs = _branch_input(run.condition, x[:, :4], transformer_options, dtype)
+            if run.context is not None:
+                ctx = _branch_context(run.context, x.shape[0], transformer_options)
+            else:
+                ctx = None if context is None else context.to(dtype)
             with torch.no_grad():
-                out = branch(*inputs)
-            if reuse:
-                cache.store(inputs, out)
-        if len(out["down"]) != expected_down:
-            raise RuntimeError("branch produced an unexpected number of control points")
-        scaled = {"down": [r * scale for r in out["down"]], "mid": out["mid"] * scale,
-                  "up": [r * scale for r in out["up"]],
-                  "attention": {k: v * scale for k, v in out["attention"].items()}, "layout": layout}
-        transformer_options[RESIDUALS] = _merge(transformer_options.get(RESIDUALS), scaled)
+                out = branch(inputs, timesteps, ctx, None if y is None else y.to(dtype))
+            del inputs, ctx
+            if len(out["down"]) != expected_down:
+                raise RuntimeError("branch produced an unexpected number of control points")
+            out["layout"] = layout
+            fresh = transformer_options.get(FRESH)
+            if fresh is not None:
+                fresh[apply_id] = out
+        else:
+            out = decision
+        transformer_options[RESIDUALS] = list(transformer_options.get(RESIDUALS) or ()) + [(out, scale)]
         try:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         finally:
@@ -456,29 +622,36 @@ def make_wrapper(painternet: Any, condition: torch.Tensor, scale: float, sigma_s
 
 
 def apply_painternet(model: Any, painternet: Any, condition: torch.Tensor, scale: float, start_percent: float,
-                     end_percent: float) -> Any:
-    """Return a clone of `model` that runs `painternet` with the prepared `condition` (B,5,h,w, scaled latent)."""
+                     end_percent: float, *, branch_context: BranchContext | None = None,
+                     reuse: BranchReuse | None = None) -> Any:
+    """Return a clone of `model` that runs `painternet` with the prepared `condition` (B,5,h,w, scaled latent).
+
+    `branch_context`: the branch's own cond/uncond text context (None: the base's, as PainterNet and BrushNet were
+    trained). `reuse`: run the branch on some steps only (None: every step in the window)."""
     import comfy.patcher_extension
 
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"start_percent={start_percent} end_percent={end_percent}: need 0 <= start <= end <= 1")
+    if branch_context is not None and not isinstance(branch_context, BranchContext):
+        raise ValueError(f"branch_context is a {type(branch_context).__name__}; pass a BranchContext or None")
+    if reuse is not None and not isinstance(reuse, BranchReuse):
+        raise ValueError(f"reuse is a {type(reuse).__name__}; pass a BranchReuse or None")
     patched = model.clone()
     layout = install_layout(patched)
-    if layout.n_up != len(painternet.patcher.model.layer_control_up):
-        raise ValueError(f"branch has {len(painternet.patcher.model.layer_control_up)} up control points but the model "
+    branch = painternet.patcher.model
+    if layout.n_up != len(branch.layer_control_up):
+        raise ValueError(f"branch has {len(branch.layer_control_up)} up control points but the model "
                          f"{layout.n_up}; branch and model topologies differ")
     sampling = patched.get_model_object("model_sampling")
-    sigma_start = float(sampling.percent_to_sigma(start_percent))
-    sigma_end = float(sampling.percent_to_sigma(end_percent))
+    window = (float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
+    run = _Run(condition, branch_context, window, (start_percent, end_percent), sampling, reuse)
     apply_id = next(_APPLY_IDS)
     wrappers = comfy.patcher_extension.WrappersMP
-    patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY,
-                                 make_apply_model_wrapper(apply_id, sigma_start, sigma_end))
     cache = BranchRowCache()
+    patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, make_apply_model_wrapper(apply_id, run, cache))
     patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY,
-                                 make_wrapper(painternet, condition, scale, sigma_start, sigma_end, layout, apply_id,
-                                              cache))
-    patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, make_outer_sample_wrapper(cache))
+                                 make_wrapper(painternet, run, scale, layout, apply_id))
+    patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, make_outer_sample_wrapper(cache, run, branch))
     if calc_cond_batch_wrapper not in patched.get_wrappers(wrappers.CALC_COND_BATCH, WRAPPER_KEY):
         patched.add_wrapper_with_key(wrappers.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
     others = patched.get_additional_models_with_key(WRAPPER_KEY)

@@ -7,6 +7,7 @@ branch still changes it, and `scale=0` gives exactly the patch alone, whichever 
 """
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import pytest
@@ -388,14 +389,16 @@ def test_new_wrappers_accept_and_forward_unknown_keyword_arguments():
         return "out"
 
     options: dict = {"sigmas": torch.tensor([5.0])}
-    assert inj.make_apply_model_wrapper(7, 10.0, 1.0)(executor, torch.zeros(1), torch.tensor([5.0]), None, None,
-                                                      None, options, **future) == "out"
+    run = inj._Run(torch.zeros(1, 5, 2, 2), None, (10.0, 1.0), (0.0, 1.0), None, None)
+    assert inj.make_apply_model_wrapper(7, run)(executor, torch.zeros(1), torch.tensor([5.0]), None, None, None,
+                                                options, **future) == "out"
     assert seen["kwargs"] == future and seen["args"][5] is options and inj.ACTIVE not in options
     area_cond = {"uuid": "u", "area": (2, 3, 1, 0)}
     assert inj.calc_cond_batch_wrapper(executor, "model", [[area_cond], None], "x", "t", {"transformer_options": {}},
                                        **future) == "out"
     assert seen["kwargs"] == future and seen["args"][4]["transformer_options"][inj.AREAS] == {"u": (2, 3, 1, 0)}
     cache = inj.BranchRowCache()
-    cache.store((torch.zeros(1),), {"mid": torch.zeros(1)})
-    assert inj.make_outer_sample_wrapper(cache)(executor, 1, 2, **future) == "out"
-    assert seen["kwargs"] == future and cache.inputs is None
+    x = torch.zeros(1)
+    cache.store(inj.StepToken(x), ("u",), 1, (1,), {"mid": torch.zeros(1)})
+    assert inj.make_outer_sample_wrapper(cache, run, types.SimpleNamespace(compute_dtype=torch.float32))(executor, 1, 2, **future) == "out"
+    assert seen["kwargs"] == future and cache.calls == []

@@ -320,6 +320,13 @@ def _residuals(layout, channels: int = 4):
             "layout": layout}
 
 
+def _options(res: dict, **more) -> dict:
+    """transformer_options carrying one apply's residual set at scale 1, as the DIFFUSION_MODEL wrapper leaves them."""
+    from harness.comfy_helpers import pack_module
+
+    return {pack_module("nodes.injection").RESIDUALS: [(res, 1.0)], **more}
+
+
 def test_every_patch_accepts_unknown_keyword_arguments(injection):
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
@@ -327,7 +334,7 @@ def test_every_patch_accepts_unknown_keyword_arguments(injection):
     layout = injection.ComfyLayout(after_output={1: 0, 2: 1}, before_upsample={1: 2}, final=3, n_up=4)
     res = _residuals(layout)
     h = torch.randn(1, 4, 4, 4)
-    options = {injection.RESIDUALS: res, "block": ("input", 1)}
+    options = _options(res, block=("input", 1))
     assert torch.equal(injection.input_block_patch(h, options, **FUTURE), h + res["down"][1])
 
     hsp = torch.randn(1, 4, 4, 4)
@@ -337,7 +344,7 @@ def test_every_patch_accepts_unknown_keyword_arguments(injection):
     assert torch.equal(out_h, h + res["up"][1])
 
     n = torch.randn(1, 16, 4)
-    extra = {injection.RESIDUALS: res, "block": ("output", 2), "block_index": 0}
+    extra = _options(res, block=("output", 2), block_index=0)
     assert torch.equal(injection.attn2_output_patch(n, extra, **FUTURE), n + res["attention"][("output", 2, 0)])
 
     upsample = Upsample(4, True, dims=2, out_channels=4, operations=comfy.ops.disable_weight_init)
@@ -381,7 +388,8 @@ def test_wrapper_accepts_and_forwards_unknown_keyword_arguments(injection):
     condition = torch.randn(1, 5, 8, 8, generator=g)
     context = torch.randn(1, 7, TINY_SD15_UNET["cross_attention_dim"], generator=g)
     t = torch.tensor([500.0])
-    wrapper = injection.make_wrapper(painternet, condition, 1.0, 100.0, 0.0, layout)
+    run = injection._Run(condition, None, (100.0, 0.0), (0.0, 1.0), None, None)
+    wrapper = injection.make_wrapper(painternet, run, 1.0, layout)
 
     seen = {}
 
@@ -393,7 +401,7 @@ def test_wrapper_accepts_and_forwards_unknown_keyword_arguments(injection):
     options = {"cond_or_uncond": [0], "sigmas": torch.tensor([1.0])}
     assert wrapper(executor, x, t, context, None, None, options, **FUTURE) is x
     assert seen["kwargs"] == FUTURE, "the wrapper must forward keyword arguments it does not know"
-    assert seen["residuals"] is not None and len(seen["residuals"]["up"]) == layout.n_up
+    assert seen["residuals"] is not None and len(seen["residuals"][0][0]["up"]) == layout.n_up
     assert injection.RESIDUALS not in options, "residuals must not outlive the call"
     # Keyword-only call (how a future executor may call it) works too.
     seen.clear()
