@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from painternet_core.checkpoint import check_layout, load_branch
+from painternet_core.checkpoint import check_layout
 from painternet_core.config import ControlLayout, PainterNetConfig
 
 logger = logging.getLogger("painternet")
@@ -113,8 +113,9 @@ class ComfyPainterNetBranch(nn.Module):
         self.attention_control = nn.ModuleList(
             operations.Linear(c, c, dtype=dtype, device=device) for c in layout.attention)
 
-    def load_diffusers_state_dict(self, state_dict: dict[str, torch.Tensor], path: str) -> None:
-        """Rename our diffusers-named keys with ComfyUI's own map and load strictly."""
+    def load_diffusers_state_dict(self, state_dict: dict[str, torch.Tensor], path: str, assign: bool = False) -> None:
+        """Rename our diffusers-named keys with ComfyUI's own map and load strictly (`assign`: the tensors become the
+        parameters, for a module built on `meta` from tensors already in their final dtype and device)."""
         import comfy.utils
 
         unet_map = comfy.utils.unet_to_diffusers(self.unet_config)
@@ -127,7 +128,7 @@ class ComfyPainterNetBranch(nn.Module):
                 converted[key] = value
             else:
                 unplaced.append(key)
-        missing, unexpected = self.load_state_dict(converted, strict=False)
+        missing, unexpected = self.load_state_dict(converted, strict=False, assign=assign)
         check_layout(path, self.config, sorted(back.get(k, k) for k in missing), sorted(unplaced + unexpected))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
@@ -200,29 +201,50 @@ class PainterNet:
         return f"PainterNet({self.name!r}, {self.config.family}, {self.config.source_format})"
 
 
-def build_branch(state_dict: dict[str, torch.Tensor], config: PainterNetConfig, dtype: str = "auto",
-                 name: str = "branch") -> PainterNet:
-    """Instantiate the ComfyUI branch with the dtype rules ControlNet uses and wrap it in a ModelPatcher."""
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def _dtypes(dtype: str, params: int) -> tuple[torch.dtype, torch.dtype | None, Any, Any, Any]:
+    """(weight dtype, manual-cast compute dtype or None, operations, load device, offload device) by the rules
+    ComfyUI's UNETLoader and ControlNet use: fp8 weights are stored as fp8 and computed in the dtype ComfyUI picks for
+    the device through its manual-cast ops."""
     import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.ops
 
     load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
     if dtype == "auto":
-        params = sum(v.numel() for v in state_dict.values())
         unet_dtype = mm.unet_dtype(model_params=params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+    elif dtype in WEIGHT_DTYPES:
+        unet_dtype = WEIGHT_DTYPES[dtype]
     else:
-        unet_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    manual_cast = mm.unet_manual_cast(unet_dtype, load_device)
-    operations = comfy.ops.pick_operations(unet_dtype, manual_cast)
-    module = ComfyPainterNetBranch(config, dtype=unet_dtype, device=offload_device, operations=operations)
-    module.load_diffusers_state_dict({k: v.to(unet_dtype) for k, v in state_dict.items()}, name)
+        raise ValueError(f"dtype {dtype!r} is not one of {['auto', *WEIGHT_DTYPES]}")
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device,
+                                      supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+    return unet_dtype, manual_cast, comfy.ops.pick_operations(unet_dtype, manual_cast), load_device, \
+        mm.unet_offload_device()
+
+
+def _wrap(module: ComfyPainterNetBranch, config: PainterNetConfig, unet_dtype: torch.dtype,
+          manual_cast: torch.dtype | None, load_device: Any, offload_device: Any, name: str) -> PainterNet:
+    import comfy.model_patcher
+
     module.compute_dtype = manual_cast or unet_dtype
     patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
     logger.info("PainterNet %s: %s %s, weights %s, compute %s", name, config.family, config.source_format,
                 unet_dtype, module.compute_dtype)
     return PainterNet(patcher, config, name)
+
+
+def build_branch(state_dict: dict[str, torch.Tensor], config: PainterNetConfig, dtype: str = "auto",
+                 name: str = "branch") -> PainterNet:
+    """Instantiate the ComfyUI branch from an in-memory state dict with the dtype rules ControlNet uses and wrap it in
+    a ModelPatcher (the loader node streams from the file instead: `load_painternet`)."""
+    unet_dtype, manual_cast, operations, load_device, offload_device = _dtypes(
+        dtype, sum(v.numel() for v in state_dict.values()))
+    module = ComfyPainterNetBranch(config, dtype=unet_dtype, device=offload_device, operations=operations)
+    module.load_diffusers_state_dict(state_dict, name)
+    return _wrap(module, config, unet_dtype, manual_cast, load_device, offload_device, name)
 
 
 def comfy_reference_shapes(config: PainterNetConfig) -> dict[str, tuple[int, ...]]:
@@ -248,7 +270,22 @@ def comfy_reference_shapes(config: PainterNetConfig) -> dict[str, tuple[int, ...
 
 
 def load_painternet(path: str, dtype: str = "auto") -> PainterNet:
+    """The loader node's path: every check on the header first, then the branch built on `meta` and each tensor
+    streamed from the file straight into its final dtype and device (`assign`), so the load peaks at about the
+    resident branch, not at the file plus a cast copy plus the module."""
+    import math
     import os
 
-    state_dict, config = load_branch(path, check_keys=False, expected_shapes=comfy_reference_shapes)
-    return build_branch(state_dict, config, dtype=dtype, name=os.path.basename(path))
+    from painternet_core.checkpoint import open_branch, stream_branch
+
+    name = os.path.basename(path)
+    header, config, names = open_branch(path, expected_shapes=comfy_reference_shapes)
+    params = sum(math.prod(header.tensors[f].shape) for f in names.values())
+    unet_dtype, manual_cast, operations, load_device, offload_device = _dtypes(dtype, params)
+    with torch.device("meta"):
+        module = ComfyPainterNetBranch(config, dtype=unet_dtype, device="meta", operations=operations)
+    module.load_diffusers_state_dict(dict(stream_branch(path, header, names, unet_dtype, offload_device)), name,
+                                     assign=True)
+    if config.source_format != "painternet":
+        logger.info("loaded %s as a %s checkpoint (mask polarity: known pixels = 1)", path, config.source_format)
+    return _wrap(module, config, unet_dtype, manual_cast, load_device, offload_device, name)

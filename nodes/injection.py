@@ -537,6 +537,8 @@ class BranchRowCache:
             if rows != per_chunk or cached_shape != shape or not all(u in cached for u in uuids):
                 continue
             index = [cached.index(u) for u in uuids]
+            if index == list(range(len(cached))):
+                return out
             if index == list(range(index[0], index[0] + len(index))):
                 pick = lambda t: t.narrow(0, index[0] * rows, len(index) * rows)  # noqa: E731
             else:

@@ -18,6 +18,15 @@ logger = logging.getLogger("painternet")
 # Where branches are listed from: the pack's folder, then models/inpaint, where ComfyUI-BrushNet users keep BrushNet and
 # PowerPaint files (registered in the pack's __init__.py), so a migrating user moves nothing.
 BRANCH_FOLDERS = ("painternet", "inpaint")
+BRANCH_REUSE = ("off", "every_2", "every_3", "adaptive")
+
+
+def branch_reuse_rule(name: str) -> Any:
+    """The BranchReuse behind each `branch_reuse` choice (None: the branch runs on every step)."""
+    from .injection import BranchReuse
+
+    return {"off": None, "every_2": BranchReuse(every=2), "every_3": BranchReuse(every=3),
+            "adaptive": BranchReuse(every=3, max_change=0.05)}[name]
 
 
 def branch_files() -> list[str]:
@@ -53,8 +62,11 @@ class PainterNetLoader(io.ComfyNode):
                     "PainterNet (or diffusers BrushNet / PowerPaint-CA) branch from models/painternet or "
                     "models/inpaint (where ComfyUI-BrushNet keeps them). "
                     "Only .safetensors files load; pickle files are refused with a conversion command.")),
-                io.Combo.Input("dtype", options=["auto", "fp16", "bf16", "fp32"], default="auto", tooltip=(
-                    "Weight dtype of the branch. auto follows ComfyUI's choice for the device (fp32 on CPU).")),
+                io.Combo.Input("dtype", options=["auto", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2"],
+                               default="auto", tooltip=(
+                    "Weight dtype of the branch. auto follows ComfyUI's choice for the device (fp32 on CPU). "
+                    "fp8_e4m3fn / fp8_e5m2 store the weights in 8 bits (half of fp16) and compute in the dtype "
+                    "ComfyUI picks for the device, as UNETLoader's weight_dtype does; less exact.")),
             ],
             outputs=[PainterNet.Output(display_name="painternet",
                                        tooltip="The loaded branch, to plug into PainterNetApply.")],
@@ -107,6 +119,10 @@ class PainterNetApply(io.ComfyNode):
                     "read). soft: the mask as drawn, values in [0, 1] kept, so a feathered mask gives Differential "
                     "Diffusion a graded edge. binary: the hole the branch sees (0.5 threshold). The branch always "
                     "gets the binary hole.")),
+                io.Combo.Input("branch_reuse", options=list(BRANCH_REUSE), default="off", optional=True, tooltip=(
+                    "Run the branch on some steps only and reuse its last residuals on the others (faster; off = "
+                    "every step, exact). every_2 / every_3: every 2nd / 3rd step of the window. adaptive: every 3rd "
+                    "step, and sooner when the noisy latent moved more than 5% since the branch last ran.")),
             ],
             outputs=[
                 io.Model.Output(display_name="model",
@@ -120,12 +136,13 @@ class PainterNetApply(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, noise_mask: str | None = None) -> bool | str:
+    def validate_inputs(cls, noise_mask: str | None = None, branch_reuse: str | None = None) -> bool | str:
         return widget_check(cls, locals())
 
     @classmethod
     def execute(cls, model: Any, vae: Any, image: Any, mask: Any, painternet: Any, positive: Any, negative: Any,
-                scale: float, start_percent: float, end_percent: float, noise_mask: str = "soft") -> io.NodeOutput:
+                scale: float, start_percent: float, end_percent: float, noise_mask: str = "soft",
+                branch_reuse: str = "off") -> io.NodeOutput:
         check_inputs(cls, locals())
         from .injection import apply_painternet
         from .powerpaint import is_powerpaint
@@ -137,7 +154,8 @@ class PainterNetApply(io.ComfyNode):
                            "for PowerPaint's object removal, outpainting, shape-guided and context-aware fill",
                            painternet.name)
         condition, latent = prepare_inpaint(model, vae, image, mask, painternet, noise_mask, "PainterNetApply")
-        patched = apply_painternet(model, painternet, condition, scale, start_percent, end_percent)
+        patched = apply_painternet(model, painternet, condition, scale, start_percent, end_percent,
+                                   reuse=branch_reuse_rule(branch_reuse))
         return io.NodeOutput(patched, positive, negative, latent)
 
 

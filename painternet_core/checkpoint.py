@@ -13,7 +13,7 @@ import re
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -65,6 +65,7 @@ class SafetensorsHeader:
 
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
+    data_start: int = 0  # byte offset of the data section (8 + header length); entries' offsets are relative to it
 
 
 def _signature(head: bytes) -> str | None:
@@ -153,7 +154,7 @@ def read_header(path: str) -> SafetensorsHeader:
         if tensors[name].end > data_size:
             raise ValueError(f"{quote(path)} is truncated: the header describes {8 + n + tensors[name].end} bytes but "
                              f"the file has {size}; re-download or re-export it")
-    return SafetensorsHeader(tensors, metadata)
+    return SafetensorsHeader(tensors, metadata, 8 + n)
 
 
 def _entry(path: str, name: str, info: Any) -> TensorEntry:
@@ -328,6 +329,53 @@ def inspect_branch(path: str) -> tuple[SafetensorsHeader, PainterNetConfig, dict
             "another file"
         )
     return header, config, names
+
+
+def open_branch(path: str, expected_shapes: ShapeFn | None = None
+                ) -> tuple[SafetensorsHeader, PainterNetConfig, dict[str, str]]:
+    """Everything `load_branch` checks before reading a weight (header, config bounds, keys and shapes against
+    `expected_shapes`, float dtypes), without reading one: (header, config, {our key: file key})."""
+    header, config, names = inspect_branch(path)
+    if expected_shapes is not None:
+        check_shapes(path, config, expected_shapes(config), {k: header.tensors[f].shape for k, f in names.items()})
+    for file_key in sorted(names.values()):
+        dtype = header.tensors[file_key].dtype
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"{quote(path)}: tensor {quote(file_key)} has dtype {dtype}; branch weights are F16, BF16 "
+                             "or F32: re-export the file with float weights")
+    return header, config, names
+
+
+def stream_branch(path: str, header: SafetensorsHeader, names: Mapping[str, str], dtype: torch.dtype,
+                  device: Any = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (our key, tensor) one at a time, read with plain file reads (no mmap whose touched pages would stay in
+    the process's memory) straight into `dtype` on `device`: the caller that keeps each tensor peaks at the resident
+    branch plus one tensor in the file's dtype, not at 2-3x the file. Finiteness is checked after the cast, so a
+    finite F32 weight that overflows the chosen dtype (1e5 in fp16 is inf) is refused naming the weight and the fix."""
+    with open(path, "rb") as fh:
+        for key in sorted(names):
+            entry = header.tensors[names[key]]
+            source = WEIGHT_DTYPES[entry.dtype]
+            buffer = torch.empty(entry.shape, dtype=source)
+            fh.seek(header.data_start + entry.begin)
+            raw = buffer.reshape(-1).view(torch.uint8).numpy()
+            if fh.readinto(memoryview(raw)) != entry.end - entry.begin:
+                raise ValueError(f"{quote(path)} is truncated inside tensor {quote(names[key])}; re-download or "
+                                 "re-export it")
+            wide = dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+            tensor = buffer.to(device=device, dtype=dtype)
+            # fp8 casts saturate (e4m3fn turns 1e5 into 448) or give inf: refuse what the dtype cannot hold.
+            clipped = not wide and buffer.numel() > 0 and bool(buffer.abs().amax() > torch.finfo(dtype).max)
+            if clipped or not bool(torch.isfinite(tensor if wide else tensor.to(torch.float16)).all()):
+                if not bool(torch.isfinite(buffer).all()):
+                    raise ValueError(f"{quote(path)}: tensor {quote(key)} contains NaN or infinite values; the file "
+                                     "is damaged (or the training diverged): use another checkpoint")
+                raise ValueError(
+                    f"{quote(path)}: tensor {quote(key)} contains NaN or infinite values once cast from {entry.dtype} "
+                    f"to {str(dtype).removeprefix('torch.')}: a finite weight outside that dtype's range becomes inf "
+                    "or NaN (or is clipped, for fp8); load it with a wider dtype, e.g. fp32 or bf16")
+            del buffer, raw
+            yield key, tensor
 
 
 def load_branch(path: str, check_keys: bool = True,

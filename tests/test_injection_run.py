@@ -180,7 +180,7 @@ def _reuse(every: int, max_change: float | None = None) -> Any:
 
 
 class _Seen:
-    """An input_block_patch after the pack's: the residual set object the base got in each call."""
+    """An input_block_patch after the pack's: where the residuals the base got in each call live (data_ptr)."""
 
     def __init__(self, model: Any) -> None:
         self.sets: list[int] = []
@@ -188,7 +188,7 @@ class _Seen:
 
         def record(h: torch.Tensor, transformer_options: dict[str, Any], **kwargs: Any) -> torch.Tensor:
             if transformer_options["block"][1] == 0:
-                self.sets.append(id(transformer_options[inj.RESIDUALS][0][0]["down"][0]))
+                self.sets.append(transformer_options[inj.RESIDUALS][0][0]["down"][0].data_ptr())
             return h
 
         self.model = model.clone()

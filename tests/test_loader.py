@@ -1,0 +1,132 @@
+"""The loader node's path (nodes/branch.py `load_painternet`): streamed from the file into the final dtype (peak
+measured in a subprocess against the file size), fp8 storage computed through ComfyUI's manual-cast ops, and the
+finiteness of weights checked after the cast."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness.comfy_helpers import pack_module
+from painternet_core.checkpoint import reference_shapes, save_branch
+from painternet_core.config import TINY_SD15_UNET, PainterNetConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(path: str, unet: dict, seed: int = 0, edit=None) -> PainterNetConfig:
+    """A branch file of the given topology with random weights (written from the meta-device shapes)."""
+    config = PainterNetConfig(family="sd15", unet=unet)
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(shape, generator=g) * 0.05 for k, shape in sorted(reference_shapes(config).items())}
+    if edit is not None:
+        edit(state)
+    save_branch(path, state, config)
+    return config
+
+
+# An SD1.5-shaped UNet at a fifth of the width: a ~150 MB fp32 file, big enough that the old
+# path's extra copies (mapped file pages, a cast dict, the module) stand far above allocator noise.
+MID_SD15_UNET = dict(TINY_SD15_UNET, block_out_channels=[64, 128, 256, 256], attention_head_dim=8,
+                     cross_attention_dim=192)
+
+_PEAK_SCRIPT = r"""
+import json, os, resource, sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, os.path.join({repo!r}, "tests"))
+from harness import use_comfyui
+use_comfyui(cpu=True)
+from harness.comfy_helpers import pack_module
+load = pack_module("nodes.branch").load_painternet
+import torch  # noqa: F401
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+branch = load({path!r}, dtype={dtype!r})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+resident = sum(p.numel() * p.element_size() for p in branch.patcher.model.parameters())
+print(json.dumps({{"before": before, "peak": peak, "resident": resident}}))
+"""
+
+
+def _peak(path: str, dtype: str) -> dict:
+    """Load in a fresh interpreter: ru_maxrss then covers this load alone (after imports, which peak lower)."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT.format(repo=REPO, path=path, dtype=dtype)],
+                         capture_output=True, text=True, env=env, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_loader_peak_is_about_the_resident_branch(tmp_path):
+    path = str(tmp_path / "mid.safetensors")
+    _write(path, MID_SD15_UNET)
+    size = os.path.getsize(path)
+    assert size > 100e6
+    got = _peak(path, "fp32")
+    extra = got["peak"] - got["before"]
+    assert got["resident"] == pytest.approx(size, rel=0.01)
+    # Resident branch + one tensor in flight + allocator slack; the previous path peaked at >= 2x the file.
+    assert extra <= 1.2 * size, f"load peaked {extra / size:.2f}x the file ({extra / 1e6:.0f} MB for {size / 1e6:.0f})"
+    half = _peak(path, "fp16")
+    assert half["resident"] == pytest.approx(size / 2, rel=0.01)
+    assert half["peak"] - half["before"] <= 0.7 * size
+
+
+@pytest.mark.parametrize("dtype", ["fp8_e4m3fn", "fp8_e5m2"])
+def test_fp8_storage_halves_fp16_and_stays_close_to_fp32(dtype, tmp_path):
+    path = str(tmp_path / "tiny.safetensors")
+    _write(path, TINY_SD15_UNET, seed=3)
+    load = pack_module("nodes.branch").load_painternet
+    full, half, eight = load(path, "fp32"), load(path, "fp16"), load(path, dtype)
+    stored = {p.dtype for p in eight.patcher.model.parameters()}
+    assert stored == {getattr(torch, dtype.replace("fp8", "float8"))}
+    nbytes = lambda b: sum(p.numel() * p.element_size() for p in b.patcher.model.parameters())  # noqa: E731
+    assert nbytes(eight) * 2 == nbytes(half)
+    assert eight.patcher.model.compute_dtype == torch.float32  # CPU: ComfyUI computes fp8 weights in fp32
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 16, 16, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 7, TINY_SD15_UNET["cross_attention_dim"], generator=g)
+    with torch.no_grad():
+        want = full.patcher.model(x, t, ctx)
+        got = eight.patcher.model(x, t, ctx)
+    worst = 0.0
+    for a, b in zip(want["down"] + [want["mid"]] + want["up"], got["down"] + [got["mid"]] + got["up"]):
+        worst = max(worst, float((a - b).norm() / a.norm()))
+    # Stated bound (docs/benchmarks.md): relative L2 error of every residual vs fp32 on random weights.
+    assert worst <= {"fp8_e4m3fn": 0.1, "fp8_e5m2": 0.2}[dtype], worst
+    assert worst > 1e-4  # fp8 really is stored and used, not silently upcast at load
+
+
+def test_finiteness_is_checked_after_the_cast(tmp_path):
+    """A finite 1e5 F32 weight fits fp32 but is inf in fp16: the fp16 load names the tensor and the fix."""
+    path = str(tmp_path / "big.safetensors")
+
+    def big(state: dict) -> None:
+        state["conv_in.weight"][0, 0, 0, 0] = 1e5
+
+    _write(path, TINY_SD15_UNET, edit=big)
+    load = pack_module("nodes.branch").load_painternet
+    load(path, "fp32")
+    with pytest.raises(ValueError, match=r"'conv_in.weight' contains NaN or infinite values once cast from F32 to "
+                                         r"float16: .* load it with a wider dtype"):
+        load(path, "fp16")
+    with pytest.raises(ValueError, match="once cast from F32 to float8_e4m3fn"):
+        load(path, "fp8_e4m3fn")
+
+
+def test_streamed_load_matches_the_in_memory_build(tmp_path):
+    from painternet_core.checkpoint import load_branch
+
+    path = str(tmp_path / "tiny.safetensors")
+    _write(path, TINY_SD15_UNET, seed=5)
+    branch = pack_module("nodes.branch")
+    streamed = branch.load_painternet(path, "fp32").patcher.model.state_dict()
+    built = branch.build_branch(*load_branch(path), dtype="fp32").patcher.model.state_dict()
+    assert streamed.keys() == built.keys()
+    assert all(torch.equal(streamed[k], built[k]) for k in built)
+    assert not any(v.is_meta for v in streamed.values())
