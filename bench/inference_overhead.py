@@ -37,6 +37,7 @@ from machine import device_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = (("base", None), ("full", 1.0), ("end=0.5", 0.5))
+REUSE_SETTINGS = ("every_2", "every_3", "adaptive")  # PainterNetApply's branch_reuse choices, full range
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,6 +55,11 @@ def parse_args() -> argparse.Namespace:
                         help="PainterNet weight dtype (default fp32, the base test models' dtype)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--topology", default="small", choices=["small", "full"],
+                        help="small: the real-signature test UNets; full: the real SD1.5/SDXL UNet sizes, random "
+                             "weights built in memory (SD1.5: ~3.4 GB base + ~3.6 GB branch in fp32)")
+    parser.add_argument("--reuse", nargs="*", default=[], choices=list(REUSE_SETTINGS),
+                        help="also time these branch_reuse settings (full range)")
     args = parser.parse_args()
     if args.cfg <= 1.0:
         parser.error("--cfg must be > 1 so both cond and uncond run")
@@ -121,11 +127,25 @@ def build(family: str, args: argparse.Namespace) -> dict[str, Any]:
     from harness.comfy_helpers import pack_module
     from harness.models import SD15_SMALL_UNET, SDXL_SMALL_UNET, branch_file, comfy_model
 
-    config_cls, unet_config = {"sd15": (sm.SD15, SD15_SMALL_UNET), "sdxl": (sm.SDXL, SDXL_SMALL_UNET)}[family]
-    base = comfy_model(config_cls, unet_config)
-    painternet = pack_module("nodes.branch").load_painternet(
-        branch_file(family, f"tiny-{family}-320-branch.safetensors"), args.branch_dtype)
-    pack_module("nodes.branch").check_base(base, painternet.config)
+    branch_mod = pack_module("nodes.branch")
+    if args.topology == "full":
+        from painternet_core.checkpoint import reference_shapes
+        from painternet_core.config import SD15_UNET, SDXL_UNET, PainterNetConfig
+
+        unet = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}[family]
+        config = PainterNetConfig(family=family, unet=unet)
+        base = comfy_model({"sd15": sm.SD15, "sdxl": sm.SDXL}[family],
+                           branch_mod.comfy_unet_config(unet, in_channels=4))
+        g = torch.Generator().manual_seed(args.seed)
+        state = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in sorted(reference_shapes(config).items())}
+        painternet = branch_mod.build_branch(state, config, args.branch_dtype, name=f"full-{family}")
+        del state
+    else:
+        config_cls, unet_config = {"sd15": (sm.SD15, SD15_SMALL_UNET), "sdxl": (sm.SDXL, SDXL_SMALL_UNET)}[family]
+        base = comfy_model(config_cls, unet_config)
+        painternet = branch_mod.load_painternet(
+            branch_file(family, f"tiny-{family}-320-branch.safetensors"), args.branch_dtype)
+    branch_mod.check_base(base, painternet.config)
     gen = torch.Generator().manual_seed(args.seed)
     lat = args.size // 8
     condition = torch.randn(1, 5, lat, lat, generator=gen)
@@ -134,10 +154,19 @@ def build(family: str, args: argparse.Namespace) -> dict[str, Any]:
     apply = pack_module("nodes.injection").apply_painternet
     models = {name: base if end is None else apply(base, painternet, condition, 1.0, 0.0, end)
               for name, end in SETTINGS}
+    rule = pack_module("nodes.painternet_nodes").branch_reuse_rule
+    models.update({name: apply(base, painternet, condition, 1.0, 0.0, 1.0, reuse=rule(name)) for name in args.reuse})
     calls = [0]
-    painternet.patcher.model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    residual_bytes = [0]
+
+    def count(module: Any, inputs: Any, out: dict[str, Any]) -> None:
+        calls[0] += 1
+        tensors = out["down"] + [out["mid"]] + out["up"] + list(out["attention"].values())
+        residual_bytes[0] = sum(t.numel() * t.element_size() for t in tensors)
+
+    painternet.patcher.model.register_forward_hook(count)
     return {
-        "models": models, "calls": calls, "timer": UNetTimer(base.model.diffusion_model, args.device == "cuda"),
+        "models": models, "calls": calls, "residual_bytes": residual_bytes, "timer": UNetTimer(base.model.diffusion_model, args.device == "cuda"),
         "positive": conditioning(family, args.size, gen), "negative": conditioning(family, args.size, gen),
         "latent": torch.zeros(1, 4, lat, lat),
         "base_params": sum(p.numel() for p in base.model.diffusion_model.parameters()),
@@ -205,15 +234,16 @@ def measure(family: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     parts = build(family, args)
     timer = parts["timer"]
-    wall: dict[str, list[float]] = {name: [] for name, _ in SETTINGS}
-    cpu: dict[str, list[float]] = {name: [] for name, _ in SETTINGS}
-    overhead: dict[str, list[float]] = {name: [] for name, _ in SETTINGS}
-    peaks: dict[str, int] = {name: 0 for name, _ in SETTINGS}
-    calls: dict[str, int] = {name: 0 for name, _ in SETTINGS}
+    names = [name for name, _ in SETTINGS] + list(args.reuse)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    overhead: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, int] = {name: 0 for name in names}
+    calls: dict[str, int] = {name: 0 for name in names}
     # Warm-up, 1 step with the branch on: loads base and branch, first-call allocations.
     sample_once(parts["models"]["full"], parts, args, 1)
     for _ in range(args.repeats):
-        for name, _ in SETTINGS:
+        for name in names:
             parts["calls"][0] = 0
             timer.reset()
             if args.device == "cuda":
@@ -232,13 +262,13 @@ def measure(family: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             calls[name] = parts["calls"][0]
     base_wall, base_cpu = statistics.median(wall["base"]), statistics.median(cpu["base"])
     rows = []
-    for name, _ in SETTINGS:
+    for name in names:
         rows.append({"family": family, "setting": name, "s_step": statistics.median(wall[name]),
                      "min": min(wall[name]), "max": max(wall[name]), "ratio": statistics.median(wall[name]) / base_wall,
                      "cpu_step": statistics.median(cpu[name]), "cpu_ratio": statistics.median(cpu[name]) / base_cpu,
                      "overhead": statistics.median(overhead[name]), "branch_calls": calls[name], "peak": peaks[name],
                      "base_params": parts["base_params"], "branch_params": parts["branch_params"],
-                     "branch_dtype": parts["branch_dtype"]})
+                     "branch_dtype": parts["branch_dtype"], "residual_bytes": parts["residual_bytes"][0]})
     del parts, timer
     mm.unload_all_models()
     mm.cleanup_models_gc()
@@ -263,7 +293,8 @@ def main() -> None:
           f"{' '.join(format(x, '.2f') for x in os.getloadavg())}")
     print(f"{args.size}x{args.size} px image ({args.size // 8}x{args.size // 8} latent), batch 1, {args.steps} steps "
           f"{args.sampler}/{args.scheduler}, cfg {args.cfg} (cond+uncond in one call per step), {args.repeats} "
-          f"interleaved repeats after a 1-step warm-up; base fp32, branch {args.branch_dtype}")
+          f"interleaved repeats after a 1-step warm-up; base fp32, branch {args.branch_dtype}; topology "
+          f"{args.topology}; branch_reuse settings timed: {', '.join(args.reuse) or 'none'}")
     rows = []
     t0 = time.perf_counter()
     for family in args.families:
@@ -285,6 +316,12 @@ def main() -> None:
     for family in args.families:
         got = {x["setting"]: x for x in rows if x["family"] == family}
         frac = got["end=0.5"]["branch_calls"] / args.steps
+        res = got["full"]["residual_bytes"]
+        extra = got["full"]["peak"] - got["base"]["peak"]
+        print(f"{family}: one branch call's residuals (all control points + ACP, cond+uncond rows) "
+              f"{res / 2**20:.1f} MiB; peak {mem} full - base {extra / 2**20:.1f} MiB = {extra / max(res, 1):.2f}x "
+              "the residual bytes (residuals are kept unscaled and added with the scale folded in, so the branch's "
+              "own forward transients and the held residuals are all it adds)")
         print(f"{family}: base UNet {got['base']['base_params'] / 1e6:.0f} M params, branch "
               f"{got['base']['branch_params'] / 1e6:.0f} M ({got['base']['branch_dtype']}); end=0.5 ran the branch on "
               f"{got['end=0.5']['branch_calls']}/{args.steps} steps, so from the full-range cost it should be "
