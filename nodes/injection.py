@@ -470,11 +470,14 @@ class StepToken:
     """Names one sampler evaluation: the very tensors `calc_cond_batch` got for x and sigma, unmodified since. Two
     calls with equal tokens feed each cond the same branch input (the crop of x for its area, scaled for sigma), so
     a guider that re-runs cond rows in the same step (PerturbedAttentionGuidance) gets them without comparing values
-    (each `torch.equal` is a device->host sync). Weak references: the token keeps nothing alive."""
+    (each `torch.equal` is a device->host sync). Weak references: the token keeps nothing alive. ComfyUI samples
+    under `torch.inference_mode`, whose tensors have no version counter: for them identity and liveness decide alone,
+    which holds because a sampler hands each step a new sigma tensor, so a token never spans two steps."""
 
     def __init__(self, *tensors: Any) -> None:
         self.refs = tuple(weakref.ref(t) if isinstance(t, torch.Tensor) else t for t in tensors)
-        self.versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in tensors)
+        self.versions = tuple(t._version if isinstance(t, torch.Tensor) and not t.is_inference() else None
+                              for t in tensors)
 
     def same(self, other: StepToken | None) -> bool:
         if other is None or len(other.refs) != len(self.refs) or other.versions != self.versions:

@@ -402,3 +402,19 @@ def test_new_wrappers_accept_and_forward_unknown_keyword_arguments():
     cache.store(inj.StepToken(x), ("u",), 1, (1,), {"mid": torch.zeros(1)})
     assert inj.make_outer_sample_wrapper(cache, run, types.SimpleNamespace(compute_dtype=torch.float32))(executor, 1, 2, **future) == "out"
     assert seen["kwargs"] == future and cache.calls == []
+
+
+def test_step_token_under_inference_mode():
+    """ComfyUI samples under torch.inference_mode: its tensors have no version counter, and a token must still tell
+    the same evaluation (PAG's second call gets the very x and sigma tensors) from the next step (a new sigma)."""
+    inj = pack_module("nodes.injection")
+    with torch.inference_mode():
+        x, sigma = torch.zeros(2, 4, 8, 8), torch.tensor([3.0, 3.0])
+        token = inj.StepToken(x, sigma)
+        assert token.same(inj.StepToken(x, sigma))
+        assert not token.same(inj.StepToken(x, torch.tensor([2.0, 2.0])))
+        assert not token.same(inj.StepToken(x.clone(), sigma))
+    x = torch.zeros(2)
+    token = inj.StepToken(x)
+    x.add_(1.0)  # outside inference mode an in-place update is seen through the version counter
+    assert not token.same(inj.StepToken(x))
