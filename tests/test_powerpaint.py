@@ -308,3 +308,12 @@ def test_text_encode_appends_task_suffix():
     assert clip.text == "a room"
     node.execute(clip, "a cat", "shape-guided", True)
     assert clip.text == "a cat"
+
+
+def test_samples_under_inference_mode(world, tasks):
+    """ComfyUI's server runs every node and the sampler under torch.inference_mode (inference tensors: no version
+    counter, no autograd): the same numbers come out."""
+    want = reference_sample(world, "object-removal", 1.0, 7.5, 1)
+    with torch.inference_mode():
+        got = pack_sample(world, tasks, "object-removal", 1.0, 7.5, 1)
+    assert _rel(got, want) <= REL
