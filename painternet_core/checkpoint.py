@@ -389,16 +389,9 @@ def load_branch(path: str, check_keys: bool = True,
     `check_keys=False` without `expected_shapes` skips that comparison (the caller's strict load does it). Weights
     must be float16/bfloat16/float32 and finite.
     """
-    header, config, names = inspect_branch(path)
     if expected_shapes is None and check_keys:
         expected_shapes = reference_shapes
-    if expected_shapes is not None:
-        check_shapes(path, config, expected_shapes(config), {k: header.tensors[f].shape for k, f in names.items()})
-    for file_key in sorted(names.values()):
-        dtype = header.tensors[file_key].dtype
-        if dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"{quote(path)}: tensor {quote(file_key)} has dtype {dtype}; branch weights are F16, BF16 "
-                             "or F32: re-export the file with float weights")
+    header, config, names = open_branch(path, expected_shapes)
     raw = _read_tensors(path, sorted(names.values()))
     tensors = {k: raw[f] for k, f in names.items()}
     for key in sorted(tensors):
