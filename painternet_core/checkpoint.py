@@ -391,7 +391,7 @@ def load_branch(path: str, check_keys: bool = True,
     """
     if expected_shapes is None and check_keys:
         expected_shapes = reference_shapes
-    header, config, names = open_branch(path, expected_shapes)
+    _, config, names = open_branch(path, expected_shapes)
     raw = _read_tensors(path, sorted(names.values()))
     tensors = {k: raw[f] for k, f in names.items()}
     for key in sorted(tensors):
