@@ -25,11 +25,13 @@ def test_loading_the_pack_exposes_only_painternet_core(tmp_path):
         path_before = list(sys.path)
         assert asyncio.run(nodes.load_custom_node(link)), "ComfyUI failed to import the pack"
         repo = os.path.realpath({REPO!r})
+        comfy = os.path.realpath({COMFYUI_PATH!r})  # CI keeps ComfyUI (with its own `tests`) inside the checkout
         leaked = {{}}
         for name in ("training", "tests", "bench", "harness", "scripts"):
             spec = importlib.util.find_spec(name)
             places = [spec.origin, *(spec.submodule_search_locations or [])] if spec else []
-            ours = [p for p in places if p and os.path.realpath(p).startswith(repo + os.sep)]
+            ours = [p for p in places if p and os.path.realpath(p).startswith(repo + os.sep)
+                    and not os.path.realpath(p).startswith(comfy + os.sep)]
             if ours:
                 leaked[name] = ours
         import painternet_core.config
