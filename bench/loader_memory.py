@@ -1,7 +1,7 @@
 """Loader memory: peak RSS of PainterNetLoader's path (`load_painternet`, streamed from the file into the final dtype)
 against the file size, next to the in-memory path (read the whole file, then build: `load_branch` + `build_branch`),
-and the resident bytes of fp16 / fp8 storage. Each load runs in a fresh interpreter so ru_maxrss covers that load
-alone; "extra" is the peak minus the RSS just before the load (after the imports).
+and the resident bytes of fp16 / fp8 storage. Each load runs in a fresh interpreter (``harness.memory.load_peak``):
+"extra" is the peak RSS during the load minus the RSS just before it (after the imports; the peak is reset there).
 
 The branch is random, of the real SD1.5 topology (`--width 320`, ~3.6 GB fp32) or narrower (`--width 64`: same
 depth, heads and layout at a fifth of the channels, ~150 MB), written once to `--dir`.
@@ -11,34 +11,11 @@ Usage: python bench/loader_memory.py [--width 64] [--dir .cache/loader_memory]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-_CHILD = r"""
-import json, os, resource, sys
-sys.path.insert(0, {repo!r})
-from harness import use_comfyui
-use_comfyui(cpu=True)
-from harness.comfy_helpers import pack_module
-branch = pack_module("nodes.branch")
-from painternet_core.checkpoint import load_branch
-def rss():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-before = rss()
-if {how!r} == "stream":
-    loaded = branch.load_painternet({path!r}, dtype={dtype!r})
-else:
-    loaded = branch.build_branch(*load_branch({path!r}), dtype={dtype!r})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-resident = sum(p.numel() * p.element_size() for p in loaded.patcher.model.parameters())
-print(json.dumps({{"before": before, "peak": peak, "resident": resident}}))
-"""
 
 
 def write_branch(path: str, width: int) -> None:
@@ -55,14 +32,10 @@ def write_branch(path: str, width: int) -> None:
     save_branch(path, state, config)
 
 
-def child(path: str, how: str, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(repo=REPO, path=path, how=how, dtype=dtype)],
-                         capture_output=True, text=True, timeout=1800, check=True,
-                         env=dict(os.environ, PYTHONPATH=REPO))
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
+    sys.path.insert(0, REPO)
+    from harness.memory import load_peak
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=64, help="model_channels of the SD1.5-shaped branch (320 = real)")
     parser.add_argument("--dir", default=os.path.join(REPO, ".cache", "loader_memory"))
@@ -80,7 +53,7 @@ def main() -> None:
     for how, dtype in (("stream", "fp32"), ("stream", "fp16"), ("stream", "fp8_e4m3fn"), ("stream", "fp8_e5m2"),
                        ("read whole file, build", "fp32"), ("read whole file, build", "fp16")):
         t0 = time.perf_counter()
-        got = child(path, "stream" if how == "stream" else "whole", dtype)
+        got = load_peak(path, dtype, "stream" if how == "stream" else "whole")
         extra = got["peak"] - got["before"]
         if how == "stream" and dtype == "fp16":
             fp16 = got["resident"]

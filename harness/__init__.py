@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH") or os.path.join(REPO, ".cache", "comfyui")
 CACHE = os.path.join(REPO, ".cache")
 
-__all__ = ["REPO", "COMFYUI_PATH", "CACHE", "use_comfyui"]
+__all__ = ["REPO", "COMFYUI_PATH", "CACHE", "use_comfyui", "torch_threads"]
 
 
 def use_comfyui(cpu: bool = True) -> None:
@@ -32,3 +34,21 @@ def use_comfyui(cpu: bool = True) -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = cpu
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run a block on ``count`` intra-op CPU threads, restored after.
+
+    Why: the thread count changes float reduction order, and multithreaded CPU backward is not bitwise
+    reproducible run to run (torch 2.14, 2 threads: two identical tiny training runs ended ~1e-7 apart; one thread is
+    bit-exact). Tests that compare two runs bit for bit, or whose thresholds were measured at a thread count, pin it.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

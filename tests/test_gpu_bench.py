@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from harness import torch_threads
 from harness.comfy_helpers import comfy_model_config, pack_module, sampling_options
 from conftest import COMFYUI_PATH, REPO
 from harness.models import fill_
@@ -30,10 +31,8 @@ FAMILIES = {"sd15": TINY_SD15_UNET, "sdxl": TINY_SDXL_UNET}
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting for each other
     made these tests ten times slower; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import torch_threads
 from training.trainer import train
 from training.trainer.optim import OPTIMIZERS, build_optimizer, check_optimizer
 
@@ -177,10 +178,11 @@ def test_8bit_adamw_trains_checkpoints_and_resumes_on_cpu(tmp_path):
     common = ["--preset", "tiny-sd15", "--optimizer", "adamw8bit_bnb", "--train_batch_size", "1", "--report_to",
               "none", "--validation_steps", "0", "--learning_rate", "1e-3", "--seed", "5", "--output_dir", str(out),
               "--max_train_steps", "3", "--checkpointing_steps", "2"]
-    straight = train.main(common)
-    saved = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=True)
-    assert torch.uint8 in _tensor_dtypes(saved["state"])
-    resumed = train.main(common + ["--resume_from_checkpoint", "latest"])
+    with torch_threads(1):  # bit-for-bit comparison of two runs (see harness.torch_threads)
+        straight = train.main(common)
+        saved = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=True)
+        assert torch.uint8 in _tensor_dtypes(saved["state"])
+        resumed = train.main(common + ["--resume_from_checkpoint", "latest"])
     assert resumed.resumed_from == out / "checkpoint-2" and sorted(resumed.losses) == [3]
     assert resumed.losses[3]["l_diff"] == straight.losses[3]["l_diff"]
     a, b = straight.branch.state_dict(), resumed.branch.state_dict()

@@ -10,6 +10,7 @@ import pytest
 from bench.learning_task import (PretrainSettings, attention_mass, classify_hole_colour, evaluate_branch,
                                  held_out_samples, hole_colour_fraction, hole_shape_correct, preservation_mse,
                                  prepare_base, task_scene, train_setting, write_task_folder)
+from harness import torch_threads
 from training.trainer.data import FolderDataset
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "learning_task"
@@ -63,9 +64,7 @@ def test_training_teaches_the_local_prompt_and_atal_moves_attention_into_the_hol
     data_dir = write_task_folder(CACHE / f"data-{settings.images}-{settings.seed}", settings.images, settings.seed)
     samples = held_out_samples(32, settings.seed)
     base = load_base_model(base_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the thread count changes float reduction order: measured, and CI has, 2
-    try:
+    with torch_threads(2):  # the thread count changes float reduction order: measured, and CI has, 2
         with torch.random.fork_rng(devices=[]):
             untrained = evaluate_branch(base, PainterNetBranch.from_unet(base.unet, attention_control=True).eval(),
                                         samples, seed=0, num_inference_steps=10)
@@ -76,8 +75,6 @@ def test_training_teaches_the_local_prompt_and_atal_moves_attention_into_the_hol
                                     output_dir=tmp_path / "ablation", steps=150, learning_rate=1e-3, beta=1e-2,
                                     batch_size=8, seed=0)
             no_atal_mass = attention_mass(load_base_model(base_path), no_atal, samples, seed=0)
-    finally:
-        torch.set_num_threads(threads)
     summary = (f"untrained {untrained.colour_fraction:.3f} / {untrained.colour_accuracy:.3f} / "
                f"{untrained.attention_mass:.3f}, trained {trained.colour_fraction:.3f} / "
                f"{trained.colour_accuracy:.3f} / {trained.attention_mass:.3f} (colour fraction / accuracy / mass), "

@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+from harness import torch_threads
 from harness.comfy_helpers import comfy_model_from_diffusers, load_pack, pack_module
 from harness.models import brushnet_layout
 from painternet_core.branch import PainterNetBranch, injected
@@ -84,43 +85,41 @@ def world(tmp_path_factory):
 
     w = World()
     # Many small convolutions: one thread avoids thread hand-offs that dominate on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("powerpaint")
-    torch.manual_seed(0)
-    w.unet = UNet2DConditionModel.from_config(UNET).eval()
-    for p in w.unet.parameters():
-        p.data.normal_(0, 0.05)
-    w.branch = PainterNetBranch.from_unet(w.unet, cross_attention=True, attention_control=False).eval()
-    for p in w.branch.parameters():
-        p.data.add_(torch.randn_like(p) * 0.05)
-    (root / "inpaint").mkdir()
-    save_file(brushnet_layout(w.branch.state_dict()), str(root / "inpaint" / "pp_test_brushnet.safetensors"))
-    w.encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49438, hidden_size=WIDTH, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407)).eval()
-    (root / "text_encoders").mkdir()
-    save_file({k: v.contiguous() for k, v in w.encoder.state_dict().items() if not k.endswith("position_ids")},
-              str(root / "text_encoders" / "pp_test_text_encoder.safetensors"))
-    folder_paths.add_model_folder_path("inpaint", str(root / "inpaint"))
-    folder_paths.add_model_folder_path("text_encoders", str(root / "text_encoders"))
-    nodes = load_pack()
-    (w.painternet,) = nodes["PainterNetLoader"].execute("pp_test_brushnet.safetensors", "fp32")
-    w.nodes = nodes
-    w.model = comfy_model_from_diffusers(w.unet, "sd15")
-    tokenizer = _tokenizer()
-    w.embed = {s: _reference_embedding(w.encoder, tokenizer, s) for s in ("P_ctxt", "P_shape", "P_obj", "")}
-    g = torch.Generator().manual_seed(1)
-    w.image = torch.rand(BATCH, SIZE, SIZE, 3, generator=g)
-    w.mask = torch.zeros(BATCH, SIZE, SIZE)
-    w.mask[0, 16:48, 20:52] = 1.0
-    w.mask[1, 4:32, 8:60] = 1.0
-    w.positive = torch.randn(1, 77, WIDTH, generator=g)
-    w.negative = torch.randn(1, 77, WIDTH, generator=g)
-    w.noise = torch.randn(BATCH, 4, SIZE // 8, SIZE // 8, generator=g)
-    w.root = root
-    yield w
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        root = tmp_path_factory.mktemp("powerpaint")
+        torch.manual_seed(0)
+        w.unet = UNet2DConditionModel.from_config(UNET).eval()
+        for p in w.unet.parameters():
+            p.data.normal_(0, 0.05)
+        w.branch = PainterNetBranch.from_unet(w.unet, cross_attention=True, attention_control=False).eval()
+        for p in w.branch.parameters():
+            p.data.add_(torch.randn_like(p) * 0.05)
+        (root / "inpaint").mkdir()
+        save_file(brushnet_layout(w.branch.state_dict()), str(root / "inpaint" / "pp_test_brushnet.safetensors"))
+        w.encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49438, hidden_size=WIDTH, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407)).eval()
+        (root / "text_encoders").mkdir()
+        save_file({k: v.contiguous() for k, v in w.encoder.state_dict().items() if not k.endswith("position_ids")},
+                  str(root / "text_encoders" / "pp_test_text_encoder.safetensors"))
+        folder_paths.add_model_folder_path("inpaint", str(root / "inpaint"))
+        folder_paths.add_model_folder_path("text_encoders", str(root / "text_encoders"))
+        nodes = load_pack()
+        (w.painternet,) = nodes["PainterNetLoader"].execute("pp_test_brushnet.safetensors", "fp32")
+        w.nodes = nodes
+        w.model = comfy_model_from_diffusers(w.unet, "sd15")
+        tokenizer = _tokenizer()
+        w.embed = {s: _reference_embedding(w.encoder, tokenizer, s) for s in ("P_ctxt", "P_shape", "P_obj", "")}
+        g = torch.Generator().manual_seed(1)
+        w.image = torch.rand(BATCH, SIZE, SIZE, 3, generator=g)
+        w.mask = torch.zeros(BATCH, SIZE, SIZE)
+        w.mask[0, 16:48, 20:52] = 1.0
+        w.mask[1, 4:32, 8:60] = 1.0
+        w.positive = torch.randn(1, 77, WIDTH, generator=g)
+        w.negative = torch.randn(1, 77, WIDTH, generator=g)
+        w.noise = torch.randn(BATCH, 4, SIZE // 8, SIZE // 8, generator=g)
+        w.root = root
+        yield w
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import torch_threads
 from painternet_core.branch import PainterNetBranch, painternet_unet_forward
 from painternet_core.checkpoint import load_branch
 from training.inference import BaseModel, load_base_model
@@ -27,12 +28,14 @@ FAST = ["--train_batch_size", "1", "--report_to", "none", "--validation_steps", 
 
 @pytest.fixture(scope="module")
 def sd15_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, train.TrainResult]:
-    """One 3-step tiny-sd15 run with a checkpoint at 2, ATAL on, validation and tensorboard at step 3."""
+    """One 3-step tiny-sd15 run with a checkpoint at 2, ATAL on, validation and tensorboard at step 3; on one thread,
+    so the resume test can compare its weights bit for bit (see ``harness.torch_threads``)."""
     out = tmp_path_factory.mktemp("sd15") / "run"
-    result = train.main(["--preset", "tiny-sd15", "--output_dir", str(out), "--max_train_steps", "3",
-                         "--checkpointing_steps", "2", "--train_batch_size", "1", "--seed", "3",
-                         "--learning_rate", "1e-3", "--validation_steps", "3", "--validation_inference_steps", "2",
-                         "--report_to", "tensorboard"])
+    with torch_threads(1):
+        result = train.main(["--preset", "tiny-sd15", "--output_dir", str(out), "--max_train_steps", "3",
+                             "--checkpointing_steps", "2", "--train_batch_size", "1", "--seed", "3",
+                             "--learning_rate", "1e-3", "--validation_steps", "3", "--validation_inference_steps", "2",
+                             "--report_to", "tensorboard"])
     return out, result
 
 
@@ -183,9 +186,10 @@ def test_resume_latest_continues_with_the_same_next_batch_loss(sd15_run, tmp_pat
         return build(self, record, rng)
 
     monkeypatch.setattr(SyntheticShapes, "_build", counting_build)
-    resumed = train.main(["--preset", "tiny-sd15", "--output_dir", str(copy), "--max_train_steps", "3",
-                          "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--resume_from_checkpoint",
-                          "latest", *FAST])
+    with torch_threads(1):
+        resumed = train.main(["--preset", "tiny-sd15", "--output_dir", str(copy), "--max_train_steps", "3",
+                              "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--resume_from_checkpoint",
+                              "latest", *FAST])
     monkeypatch.undo()
     assert resumed.resumed_from == copy / "checkpoint-2"
     assert sorted(resumed.losses) == [3]

@@ -301,24 +301,11 @@ def test_brushnet_file_without_down_blocks_is_named(tmp_path):
         load_branch(str(path))
 
 
-_PEAK_RSS = """
-def reset_peak():
-    # Linux keeps a process's peak RSS (VmHWM, and ru_maxrss) from before exec, i.e. the parent's at fork: reset it
-    # so the peak measured belongs to this process's own work.
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    return status_kib("VmRSS")
-
-def status_kib(field):
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
-"""
-
-
-_MEMORY_PROBE = _PEAK_RSS + textwrap.dedent("""
+_MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {tests!r})
     import conftest  # puts the repo and ComfyUI on sys.path, CPU only, like the test process
+    from harness.memory import reset_peak, status_bytes
     from painternet_core.checkpoint import load_branch
     from harness.comfy_helpers import pack_module
     loader = pack_module("nodes.branch").load_painternet
@@ -332,7 +319,7 @@ _MEMORY_PROBE = _PEAK_RSS + textwrap.dedent("""
                 errors.append("loaded")
             except ValueError as exc:
                 errors.append(str(exc))
-        grown = status_kib("VmHWM") - start
+        grown = (status_bytes("VmHWM") - start) // 1024
     print(json.dumps({{"grown_kib": grown, "errors": errors}}))
 """)
 
@@ -386,9 +373,10 @@ def test_huge_documents_are_refused_by_size_and_errors_quote_little():
     assert len(quote("q" * 10**6)) <= QUOTE_LIMIT + 1
 
 
-_SHAPES_MEMORY_PROBE = _PEAK_RSS + textwrap.dedent("""
+_SHAPES_MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {repo!r})
+    from harness.memory import reset_peak, status_bytes
     from painternet_core import shapes
     result = {{}}
     for name in ("largest", "huge"):
@@ -399,7 +387,7 @@ _SHAPES_MEMORY_PROBE = _PEAK_RSS + textwrap.dedent("""
             result[name] = float(shapes.render_mask(text, 1024, 1024).mean())
         except ValueError as exc:
             result[name] = str(exc)[:80]
-        result[name + "_grown_kib"] = status_kib("VmHWM") - start
+        result[name + "_grown_kib"] = (status_bytes("VmHWM") - start) // 1024
         del text
     print(json.dumps(result))
 """)
