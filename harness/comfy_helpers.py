@@ -31,7 +31,10 @@ def load_pack() -> dict[str, type]:
     os.makedirs(folder, exist_ok=True)
     link = os.path.join(folder, PACK_NAME)
     if not os.path.islink(link):
-        os.symlink(REPO, link)
+        try:
+            os.symlink(REPO, link)
+        except FileExistsError:  # another test process linked it first
+            pass
     if not asyncio.run(nodes.load_custom_node(link)):
         raise RuntimeError("ComfyUI failed to import the pack (see the log above)")
     return nodes.NODE_CLASS_MAPPINGS

@@ -104,7 +104,7 @@ def sd15_checkpoint() -> str:
     sd = {f"model.diffusion_model.{k}": v.half() for k, v in _unet_sd(SD15_SMALL_UNET, 1).items()}
     sd.update({f"first_stage_model.{k}": v.half() for k, v in _taesd_sd(2).items()})
     sd.update({f"cond_stage_model.{k}": v.half() for k, v in _clip_l_sd(3).items()})
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     comfy.utils.save_torch_file(sd, tmp)
     os.replace(tmp, path)
     return path
@@ -161,7 +161,7 @@ def sd15_checkpoint_variant(name: str, seed: int) -> str:
     sd = {f"model.diffusion_model.{k}": v.half() for k, v in _unet_sd(SD15_SMALL_UNET, seed).items()}
     sd.update({f"first_stage_model.{k}": v.half() for k, v in _taesd_sd(seed + 1).items()})
     sd.update({f"cond_stage_model.{k}": v.half() for k, v in _clip_l_sd(seed + 2).items()})
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     comfy.utils.save_torch_file(sd, tmp)
     os.replace(tmp, path)
     return path
@@ -197,8 +197,9 @@ def powerpaint_branch_file(name: str = "tiny-sd15-powerpaint-branch.safetensors"
                               attention_control=False)
     branch = fill_(PainterNetBranch(config), seed, gain=0.3)
     os.makedirs(MODELS, exist_ok=True)
-    save_file({k: v.half() for k, v in brushnet_layout(branch.state_dict()).items()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    save_file({k: v.half() for k, v in brushnet_layout(branch.state_dict()).items()}, tmp)
+    os.replace(tmp, path)
     return path
 
 
@@ -217,6 +218,6 @@ def clip_text_encoder_file(path: str, vocab: int = 49438, width: int = 768, laye
                                          max_position_embeddings=77, hidden_act="quick_gelu"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({prefix + k: v.half().contiguous() for k, v in model.state_dict().items()
-               if not k.endswith("position_ids")}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+               if not k.endswith("position_ids")}, f"{path}.{os.getpid()}.tmp")
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
     return path
