@@ -22,5 +22,13 @@ except RuntimeError as error:
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # scripts/test.sh runs one worker per core: each keeps to one intra-op thread, or the workers' OpenMP threads
+    # (two each by default on a 2-core machine) wait on each other. Tests that need another count pin it
+    # (harness.torch_threads).
+    import torch
+
+    torch.set_num_threads(1)
+
 # Tiny CLIP / Grounding-DINO fixtures shared by the PainterBench and PainterData tests.
 pytest_plugins = ["painter_fixtures"]
