@@ -522,6 +522,8 @@ class EvalResult:
     preservation_mse: float
     attention_mass: float
     images: list[np.ndarray]
+    branch_runs: int = 0
+    steps: int = 0
 
 
 def train_setting(flags: Sequence[str], *, base_path: Path, data_dir: Path, output_dir: Path, steps: int,
@@ -539,19 +541,28 @@ def train_setting(flags: Sequence[str], *, base_path: Path, data_dir: Path, outp
 
 
 def evaluate_branch(base: Any, branch: Any, samples: Sequence[TaskSample], *, seed: int, num_inference_steps: int = 20,
-                    guidance_scale: float = 5.0) -> EvalResult:
-    """Inpaint every sample (grouped by prompt, DDIM + CFG through ``training.inference.inpaint``) and score it."""
+                    guidance_scale: float = 5.0, reuse: Any = None) -> EvalResult:
+    """Inpaint every sample (grouped by prompt, DDIM + CFG through ``training.inference.inpaint``) and score it.
+    ``reuse``: a ``painternet_core.reuse.BranchReuse`` for the sampler (None: the branch runs every step); the
+    result's ``branch_runs`` / ``steps`` count the sampling steps that ran the branch, over all prompt groups."""
+    from painternet_core.reuse import ReuseSchedule
+
     from training.inference import inpaint
 
     raw: dict[int, np.ndarray] = {}
+    runs = steps = 0
     groups: dict[str, list[int]] = {}
     for index, sample in enumerate(samples):
         groups.setdefault(sample.prompt, []).append(index)
     for prompt, indices in groups.items():
         image = torch.stack([torch.from_numpy(samples[i].image).permute(2, 0, 1).float() / 255.0 for i in indices])
         mask = torch.stack([torch.from_numpy(samples[i].mask)[None] for i in indices])
+        schedule = ReuseSchedule(reuse)
         out = inpaint(base, branch, image, mask, prompt, config=branch.config, seed=seed,
-                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, paste_back=False)
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, paste_back=False,
+                      schedule=schedule)
+        runs += schedule.runs if reuse is not None else num_inference_steps
+        steps += num_inference_steps
         for i, decoded in zip(indices, out):
             raw[i] = decoded.permute(1, 2, 0).numpy()
     colour_hits, fractions, shape_hits, mses, pasted = [], [], [], [], []
@@ -565,4 +576,4 @@ def evaluate_branch(base: Any, branch: Any, samples: Sequence[TaskSample], *, se
         mses.append(preservation_mse(raw[index], sample.image, sample.mask))
     mass = attention_mass(base, branch, samples, seed=seed)
     return EvalResult(float(np.mean(colour_hits)), float(np.mean(fractions)), float(np.mean(shape_hits)),
-                      float(np.mean(mses)), mass, pasted)
+                      float(np.mean(mses)), mass, pasted, runs, steps)

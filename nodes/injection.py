@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from painternet_core.reuse import BranchReuse, ReuseSchedule
+
 logger = logging.getLogger("painternet")
 
 WRAPPER_KEY = "painternet"
@@ -283,24 +285,6 @@ class BranchContext:
                              "differ; encode both to the same token count")
 
 
-@dataclass(frozen=True)
-class BranchReuse:
-    """Run the branch on some sampling steps only and reuse its last residuals (and ACP outputs) on the others.
-
-    `every`: the branch runs on every `every`-th step of its window (1 = every step). `max_change`: when set, a
-    skipped step runs the branch anyway once the branch input (the scaled noisy latent) has moved by more than this
-    relative L2 change since the branch last ran."""
-
-    every: int = 1
-    max_change: float | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"BranchReuse.every={self.every!r}; need an integer >= 1 (1 runs the branch every step)")
-        if self.max_change is not None and not (0.0 <= float(self.max_change) < float("inf")):
-            raise ValueError(f"BranchReuse.max_change={self.max_change!r}; need a finite number >= 0 or None")
-
-
 class _Run:
     """What one apply needs per sampling run: the window in sigmas, the condition (and branch context) already on
     the sampling device in the branch's dtype, and the step-reuse bookkeeping. Set by the OUTER_SAMPLE wrapper from
@@ -315,15 +299,10 @@ class _Run:
         self.reset_steps()
 
     def reset_steps(self) -> None:
-        self.evaluations = 0  # in-window model evaluations (distinct sigmas) so far in this run
-        self.since_run = 0
-        self.sigma: float | None = None
-        self.run_now = True
-        self.last_input: torch.Tensor | None = None
+        self.steps = ReuseSchedule(self.reuse)  # in-window model evaluations, keyed by sigma
 
     def begin(self, model_sampling: Any, device: Any, dtype: torch.dtype) -> tuple[Any, ...]:
-        previous = (self.condition, self.context, self.window, self.sampling, self.evaluations, self.since_run,
-                    self.sigma, self.run_now, self.last_input)
+        previous = (self.condition, self.context, self.window, self.sampling, self.steps)
         condition, context, window, sampling = self.default
         if model_sampling is not None:
             sampling = model_sampling
@@ -339,34 +318,14 @@ class _Run:
         return previous
 
     def end(self, previous: tuple[Any, ...]) -> None:
-        (self.condition, self.context, self.window, self.sampling, self.evaluations, self.since_run, self.sigma,
-         self.run_now, self.last_input) = previous
+        self.condition, self.context, self.window, self.sampling, self.steps = previous
 
     def runs_branch(self, sigma: float, x: torch.Tensor) -> bool:
-        """Whether the branch runs at this in-window evaluation (False: reuse the last residuals). Decided once per
-        sigma, so split cond/uncond calls and PAG's extra call of the same step agree."""
-        if self.reuse is None:
-            return True
-        if sigma == self.sigma:
-            return self.run_now
-        self.sigma = sigma
-        self.evaluations += 1
-        run = self.evaluations == 1 or self.since_run + 1 >= self.reuse.every
-        scaled = None
-        if self.reuse.max_change is not None:
-            scaled = self.sampling.calculate_input(torch.full((x.shape[0],), sigma, device=x.device), x)
-            last = self.last_input
-            if not run and last is not None and last.shape == scaled.shape:
-                # One device->host sync per evaluation, outside any compiled region.
-                change = float(torch.linalg.vector_norm(scaled - last) / torch.linalg.vector_norm(last).clamp_min(1e-12))
-                run = change > self.reuse.max_change
-            elif last is None or last.shape != scaled.shape:
-                run = True
-        self.since_run = 0 if run else self.since_run + 1
-        if run and scaled is not None:
-            self.last_input = scaled
-        self.run_now = run
-        return run
+        """Whether the branch runs at this in-window evaluation (False: reuse the last residuals); the rule is
+        `painternet_core.reuse`'s, fed the model's scaled input (one device->host sync per evaluation when
+        adaptive, outside any compiled region)."""
+        return self.steps.runs_branch(sigma, lambda: self.sampling.calculate_input(
+            torch.full((x.shape[0],), sigma, device=x.device), x))
 
 
 def _branch_input(condition: torch.Tensor, latent: torch.Tensor, options: dict[str, Any],

@@ -23,10 +23,9 @@ BRANCH_REUSE = ("off", "every_2", "every_3", "adaptive")
 
 def branch_reuse_rule(name: str) -> Any:
     """The BranchReuse behind each `branch_reuse` choice (None: the branch runs on every step)."""
-    from .injection import BranchReuse
+    from painternet_core.reuse import reuse_preset
 
-    return {"off": None, "every_2": BranchReuse(every=2), "every_3": BranchReuse(every=3),
-            "adaptive": BranchReuse(every=3, max_change=0.05)}[name]
+    return reuse_preset(name)
 
 
 def branch_files() -> list[str]:

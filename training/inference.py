@@ -20,6 +20,7 @@ from torch import nn
 from painternet_core.atal import tokenize_with_token_mask
 from painternet_core.branch import PainterNetBranch
 from painternet_core.conditioning import prepare_condition
+from painternet_core.reuse import BranchReuse, ReuseSchedule
 
 logger = logging.getLogger("painternet.training")
 
@@ -226,6 +227,8 @@ def inpaint(
     scale: float = 1.0,
     weight_dtype: torch.dtype = torch.float32,
     paste_back: bool = True,
+    reuse: BranchReuse | None = None,
+    schedule: ReuseSchedule | None = None,
 ) -> torch.Tensor:
     """Reference inpainting with a small DDIM loop over ``painternet_unet_forward``; returns (B,3,H,W) in [0, 1].
 
@@ -233,10 +236,13 @@ def inpaint(
     reproduce in ComfyUI (base + scaled branch residuals, CFG over [uncond, cond]). ``image`` (B,3,H,W) in [0, 1],
     ``mask`` (B,1,H,W) 1 = hole. The unmasked region is pasted back from the input, as the ComfyUI workflow does;
     ``paste_back=False`` returns the raw decode instead (to measure how well the model itself preserves it).
+    ``reuse``: run the branch on some steps only and reuse its last residuals (ACP outputs too) on the others, by
+    the same rule as PainterNetApply's ``branch_reuse`` (``painternet_core.reuse``; None = every step, exact);
+    ``schedule``: a ``ReuseSchedule`` to use instead (callers read its counts after the run).
     """
     from diffusers import DDIMScheduler
 
-    from painternet_core.branch import painternet_unet_forward
+    from painternet_core.branch import injected
 
     device = image.device
     bsz = image.shape[0]
@@ -257,9 +263,18 @@ def inpaint(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     h, w = condition.shape[-2:]
     latents = cpu_randn((bsz, 4, h, w), generator, device, torch.float32) * scheduler.init_noise_sigma
+    if schedule is None:
+        schedule = ReuseSchedule(reuse)
+    elif reuse is not None:
+        raise ValueError("inpaint got both reuse and schedule; pass the rule in ReuseSchedule(rule) only")
+    residuals = None
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(weight_dtype)
-        pred = painternet_unet_forward(base.unet, branch, model_in, t, hidden, condition, scale, added).float()
+        if schedule.runs_branch(float(t), lambda: model_in) or residuals is None:
+            residuals = branch(model_in, t, hidden, condition, added)
+        with injected(base.unet, residuals, scale):
+            pred = base.unet(model_in, t, encoder_hidden_states=hidden,
+                             added_cond_kwargs=dict(added) if added else None).sample.float()
         pred_uncond, pred_cond = pred.chunk(2)
         pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
         latents = scheduler.step(pred, t, latents).prev_sample
