@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 
 import pytest
 import torch
@@ -52,6 +53,33 @@ def test_token_mask_from_ids_only_matches_attention_mask(tmp_path):
                                  eos_token_id=tokenizer.eos_token_id)
     assert torch.equal(from_mask, from_ids)
     assert from_mask.sum(1).tolist() == [6, 0, 1]
+
+
+def test_special_tokens_typed_inside_a_prompt_are_not_in_s(tmp_path):
+    """A prompt may contain the specials' text; the tokenizer makes them special ids in mid-prompt, and S drops them
+    without ending the prompt there (the attention mask, not the first EOT, says where it ends)."""
+    tokenizer = tiny_clip_tokenizer(tmp_path, model_max_length=16)
+    long = " ".join(["red"] * 20)
+    ids, mask = tokenize_with_token_mask(tokenizer, ["red <|startoftext|> green <|endoftext|> circle", long],
+                                         max_length=9)
+    assert ids.shape == mask.shape == (2, 9)  # the explicit max_length, not model_max_length; the long one truncated
+    tokens = [[t.replace("</w>", "") for t, keep in zip(tokenizer.convert_ids_to_tokens(row), m) if keep]
+              for row, m in zip(ids.tolist(), mask.tolist())]
+    assert tokens == [["red", "green", "circle"], ["red"] * 7]
+
+
+def test_token_mask_of_left_padded_rows():
+    """Rows may start at different positions (padding_side="left"): SOT and EOT are found per row."""
+    attention = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    assert actual_token_mask(attention).tolist() == [[False, False, False, True, True, False],
+                                                     [False, True, True, False, False, False]]
+
+
+def test_token_mask_from_ids_drops_a_bos_inside_the_prompt():
+    ids = torch.tensor([[7, 3, 7, 4, 9, 9]])  # SOT 7, a typed SOT at 2, EOT 9
+    assert actual_token_mask(input_ids=ids, bos_token_id=7, eos_token_id=9).tolist() == [
+        [False, True, False, True, False, False]]
+    assert actual_token_mask(input_ids=ids, eos_token_id=9).tolist() == [[False, True, True, True, False, False]]
 
 
 def test_token_mask_errors_name_the_fix():
@@ -281,3 +309,87 @@ def test_atal_through_the_painternet_branch_sdxl_with_block_checkpointing(tmp_pa
     assert all(plain[n].abs().sum() > 0 for n in plain if n.endswith("attn2.to_q.weight"))
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------ messages
+def _record_with_wrong_mask() -> None:
+    attn = _tiny_attention()
+    recorder = ATALRecorder()
+    attn.set_processor(ATALAttnProcessor(recorder, "blk.attn2"))
+    with recorder.record(torch.zeros(2, 5, dtype=torch.bool)):
+        attn(torch.randn(2, 20, 16), encoder_hidden_states=torch.randn(2, 7, 12))
+
+
+ERRORS = {
+    "no mask and no ids": (
+        lambda: actual_token_mask(),
+        "actual_token_mask needs attention_mask or input_ids; got neither. Pass the tokenizer output of "
+        "tokenizer(prompts, padding='max_length', return_attention_mask=True)."),
+    "1-D attention mask": (
+        lambda: actual_token_mask(torch.ones(4)),
+        "attention_mask must be (B, L); got shape (4,). Tokenize a list of prompts, not a single string."),
+    "ids and mask of different shapes": (
+        lambda: actual_token_mask(torch.ones(1, 4), torch.ones(1, 5, dtype=torch.long)),
+        "input_ids shape (1, 5) differs from attention_mask shape (1, 4); pass both from the same tokenizer call."),
+    "1-D ids": (
+        lambda: actual_token_mask(input_ids=torch.ones(4, dtype=torch.long), eos_token_id=2),
+        "input_ids must be (B, L); got shape (4,)."),
+    "ids without eos": (
+        lambda: actual_token_mask(input_ids=torch.zeros(1, 4, dtype=torch.long)),
+        "actual_token_mask(input_ids=...) without attention_mask needs eos_token_id (e.g. tokenizer.eos_token_id) to "
+        "find where the prompt ends."),
+    "one prompt string": (
+        lambda: tokenize_with_token_mask(None, "a cat"),
+        "prompts must be a list of strings, got the single string 'a cat'; wrap it in a list."),
+    "3-D query": (
+        lambda: token_mean_attention(torch.zeros(1, 6, 4), torch.zeros(1, 2, 5, 4), torch.zeros(1, 5)),
+        "query and key must be (B, heads, tokens, d); got (1, 6, 4) and (1, 2, 5, 4). Split heads first (diffusers: "
+        "view(B, -1, heads, d).transpose(1, 2))."),
+    "token mask of another length": (
+        lambda: token_mean_attention(torch.zeros(1, 2, 6, 4), torch.zeros(1, 2, 5, 4), torch.zeros(1, 4)),
+        "token_mask must be (B, L) = (1, 5) to match key; got (1, 4). Build it from the same tokenizer call as the "
+        "text embeddings."),
+    "map of no power-of-two size": (
+        lambda: infer_map_size(7, 8, 8),
+        "cannot place an attention map of 7 pixels on a 8x8 mask: no power-of-two downscale of the mask has that many "
+        "pixels. Pass maps as (B, h, w) to give their shape."),
+    "no maps": (
+        lambda: atal_loss([], torch.ones(1, 1, 2, 2)),
+        "atal_loss got no attention maps; install ATALAttnProcessor on the branch's cross-attention "
+        "(install_atal_processors) and run the branch inside recorder.record(...)."),
+    "2-channel mask": (
+        lambda: atal_loss([torch.zeros(1, 4)], torch.ones(1, 2, 2, 2)),
+        "mask must be (B, 1, H, W) or (B, H, W); got shape (1, 2, 2, 2)."),
+    "valid of another batch": (
+        lambda: atal_loss([torch.zeros(2, 4)], torch.ones(2, 1, 2, 2), torch.tensor([True])),
+        "valid must be a (B,) = (2,) bool tensor; got shape (1,)."),
+    "map of another batch": (
+        lambda: atal_loss([torch.zeros(2, 4), torch.zeros(3, 4)], torch.ones(2, 1, 2, 2)),
+        "map 1 has batch 3 but the mask has 2; record maps for the same batch (with CFG-style doubled batches, split "
+        "them first)."),
+    "4-D map": (
+        lambda: atal_loss([torch.zeros(1, 1, 2, 2)], torch.ones(1, 1, 2, 2)),
+        "map 0 must be (B, HW) or (B, h, w); got shape (1, 1, 2, 2)."),
+    "1-D recorder mask": (
+        lambda: ATALRecorder().start(torch.ones(5)),
+        "token_mask must be (B, L); got shape (5,)."),
+    "recorder mask of another length": (
+        _record_with_wrong_mask,
+        "ATAL token mask has shape (2, 5) but layer blk.attn2 attends to (B, L) = (2, 7); start the recorder with the "
+        "mask of the prompts actually encoded for this batch."),
+    "not a module": (
+        lambda: install_atal_processors("unet", ATALRecorder()),
+        "install_atal_processors needs an nn.Module (the PainterNet branch); got str."),
+    "no cross-attention": (
+        lambda: install_atal_processors(torch.nn.Linear(2, 2), ATALRecorder()),
+        "Linear has no cross-attention (attn2) layers; ATAL needs a branch that keeps cross-attention (PainterNet, "
+        "not BrushNet)."),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_error_messages_are_exact(case):
+    """The message is the contract (it names the bad value and the fix): anchored whole, so any edit of it shows."""
+    call, message = ERRORS[case]
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        call()
