@@ -4,6 +4,7 @@ Pure core + a direct call of the node's function (the node polls ComfyUI's inter
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -333,6 +334,81 @@ def test_bad_mode_params_and_rng():
         masks.IrregularMaskParams(dilation_bands=(masks.DilationBand(0.5, (0.01, 0.02), (1, 1)),))
     with pytest.raises(ValueError, match=r"kernel_shape"):
         masks.IrregularMaskParams(kernel_shape="cross")
+
+
+_BAND = masks.DilationBand
+_FIELDS = "dilation_bands, dilation_scale, kernel_shape, length, segments, shape_weights, strokes, width"
+EXACT_ERRORS = {
+    "no bands": (ValueError, lambda: masks.IrregularMaskParams(dilation_bands=()),
+                 "IrregularMaskParams.dilation_bands is empty; give at least one band with max_ratio=1.0"),
+    "unsorted bands": (ValueError, lambda: masks.IrregularMaskParams(
+        dilation_bands=(_BAND(0.5, (0.01, 0.02), (1, 1)), _BAND(0.5, (0.01, 0.02), (1, 1)))),
+        "IrregularMaskParams.dilation_bands[1].max_ratio=0.5 is not above the previous band's 0.5; sort the bands by "
+        "increasing max_ratio"),
+    "bands ending below 1": (ValueError, lambda: masks.IrregularMaskParams(
+        dilation_bands=(_BAND(0.5, (0.01, 0.02), (1, 1)),)),
+        "IrregularMaskParams.dilation_bands[-1].max_ratio=0.5 leaves coverage ratios up to 1.0 without a band; end "
+        "the bands with max_ratio=1.0"),
+    "band iterations of 0": (ValueError, lambda: masks.IrregularMaskParams(
+        dilation_bands=(_BAND(1.0, (0.01, 0.02), (0, 1)),)),
+        "dilation_bands[0].iterations=(0, 1) needs 1 <= min <= max; swap or raise the values"),
+    "negative scale": (ValueError, lambda: masks.IrregularMaskParams(dilation_scale=-1.0),
+                       "IrregularMaskParams.dilation_scale=-1.0 must be a finite number >= 0 (1.0 = default dilation, "
+                       "0 = none)"),
+    "cross kernel": (ValueError, lambda: masks.IrregularMaskParams(kernel_shape="cross"),
+                     "IrregularMaskParams.kernel_shape='cross' is not one of 'rect', 'ellipse'"),
+    "zero weights": (ValueError, lambda: masks.IrregularMaskParams(shape_weights=(0.0, 0.0, 0.0)),
+                     "IrregularMaskParams.shape_weights=(0.0, 0.0, 0.0) must be three finite weights >= 0 for (line, "
+                     "circle, square) with a positive sum, e.g. (0.6, 0.2, 0.2)"),
+    "not a pair": (ValueError, lambda: masks.IrregularMaskParams(strokes=3),
+                   "strokes=3 must be a (min, max) pair of integers"),
+    "float strokes": (ValueError, lambda: masks.IrregularMaskParams(strokes=(1.0, 2.0)),
+                      "strokes=(1.0, 2.0) must be a (min, max) pair of finite integers"),
+    "infinite length": (ValueError, lambda: masks.IrregularMaskParams(length=(0.1, float("inf"))),
+                        "length=(0.1, inf) must be a (min, max) pair of finite numbers"),
+    "no segments": (ValueError, lambda: masks.IrregularMaskParams(segments=(0, 2)),
+                    "segments=(0, 2) needs 1 <= min <= max; swap or raise the values"),
+    "list": (ValueError, lambda: masks.generate_mask([[0, 1]], "box", np.random.default_rng(0)),
+             "segmentation must be a numpy array, got list; convert it first (torch: t.detach().cpu().numpy())"),
+    "3-D": (ValueError, lambda: masks.generate_mask(np.zeros((1, 2, 2)), "box", np.random.default_rng(0)),
+            "segmentation must be 2-D (H, W), got shape (1, 2, 2); pass one mask at a time (index a batch, squeeze a "
+            "channel axis)"),
+    "empty": (ValueError, lambda: masks.generate_mask(np.zeros((0, 2)), "segmentation", np.random.default_rng(0)),
+              "segmentation has an empty shape (0, 2); it needs at least 1x1 pixels"),
+    "NaN": (ValueError, lambda: masks.generate_mask(np.full((2, 2), np.nan), "segmentation", np.random.default_rng(0)),
+            "segmentation contains NaN; replace it (np.nan_to_num) before generating a mask"),
+    "complex": (ValueError, lambda: masks.generate_mask(np.zeros((2, 2), np.complex64), "segmentation",
+                                                        np.random.default_rng(0)),
+                "segmentation dtype complex64 is not supported; use bool, an integer type (non-zero = object) or a "
+                "float type (>= 0.5 = object)"),
+    "seeded random": (TypeError, lambda: masks.box_mask(_object(8, 8), 7),
+                      "rng must be a numpy.random.Generator, got int; use numpy.random.default_rng(seed)"),
+    "square share": (ValueError, lambda: masks.box_mask(_object(8, 8), np.random.default_rng(0), square_share=1.5),
+                     "square_share=1.5 must be a probability in [0, 1]"),
+    "zero kernel": (ValueError, lambda: masks.dilate_rect(np.zeros((4, 4), np.uint8), 0, 1),
+                    "dilate_rect needs ksize >= 1 and iterations >= 1, got 0, 1"),
+    "zero iterations": (ValueError, lambda: masks.dilate_rect(np.zeros((4, 4), np.uint8), 3, 0),
+                        "dilate_rect needs ksize >= 1 and iterations >= 1, got 3, 0"),
+    "params of another type": (TypeError, lambda: masks.irregular_mask(_object(8, 8), np.random.default_rng(0), {}),
+                               "params must be an IrregularMaskParams, got dict"),
+    "scribble": (ValueError, lambda: masks.generate_mask(_object(8, 8), "scribble", np.random.default_rng(0)),
+                 "unknown mask mode 'scribble'; use one of segmentation, box, irregular, paper_mix"),
+    "misspelt parameters": (ValueError, lambda: masks.generate_mask(_object(8, 8), "box", np.random.default_rng(0),
+                                                                    stroke=1, blur=2),
+                            "unknown mask parameter(s) blur, stroke; use box_expand, square_share, irregular or one "
+                            f"of {_FIELDS}"),
+    "irregular of another type": (TypeError, lambda: masks.generate_mask(_object(8, 8), "irregular",
+                                                                         np.random.default_rng(0), irregular="wide"),
+                                  "irregular must be an IrregularMaskParams, got str"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT_ERRORS))
+def test_error_messages_are_exact(case):
+    """The message is the contract (it names the bad value and the fix): anchored whole, so any edit of it shows."""
+    kind, call, message = EXACT_ERRORS[case]
+    with pytest.raises(kind, match=f"^{re.escape(message)}$"):
+        call()
 
 
 # --------------------------------------------------------------------------------------------------------- node
