@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import re
 
 import pytest
@@ -393,3 +394,17 @@ def test_error_messages_are_exact(case):
     call, message = ERRORS[case]
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         call()
+
+
+def test_install_replaces_only_cross_attention_and_logs_the_count(caplog):
+    model = torch.nn.Module()
+    model.block = torch.nn.Module()
+    model.block.attn1 = _tiny_attention()
+    model.block.attn2 = _tiny_attention(1)
+    self_processor = model.block.attn1.processor
+    with caplog.at_level(logging.DEBUG, logger="painternet"):
+        names = install_atal_processors(model, ATALRecorder())
+    assert names == ["block.attn2"] and model.block.attn1.processor is self_processor
+    assert isinstance(model.block.attn2.processor, ATALAttnProcessor)
+    assert [r.getMessage() for r in caplog.records if r.name == "painternet"] == [
+        "ATAL processors installed on 1 cross-attention layers"]
