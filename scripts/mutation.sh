@@ -32,7 +32,7 @@ if module not in selection:
              "[tool.painternet.mutation] in pyproject.toml")
 work.mkdir(parents=True, exist_ok=True)
 skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
-for name in ("painternet_core", "nodes", "harness", "tests", "web"):
+for name in ("painternet_core", "nodes", "harness", "tests", "web", "training"):
     # copy2 keeps mtimes: mutmut regenerates the mutants of a file only when its source is newer than them.
     shutil.copytree(name, work / name, ignore=skip, dirs_exist_ok=True)
 shutil.copy2("__init__.py", work / "__init__.py")
@@ -51,6 +51,12 @@ table = dict(data["tool"]["mutmut"], only_mutate=[module], pytest_add_cli_args_t
 EOF
 
 cd "$work"
+# The tests run nodes/ under the pack's folder-derived module name; this lets mutmut match it (harness/mutation.py).
+export PAINTERNET_MUTATION=1
+# mutmut forks each mutant's worker from a process that has already run the tests: a forked child of a process with a
+# live OpenMP pool hangs at its first parallel op (seen: 0 CPU seconds for 10 minutes in futex_wait, then scored as a
+# "timeout", i.e. killed). One intra-op thread keeps the pool from ever starting.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 nice -n 19 "$root/.venv/bin/mutmut" run --max-children "${MUTATION_CHILDREN:-2}"
 if [ "${MUTATION_RETEST:-0}" = 1 ]; then
   mapfile -t left < <("$root/.venv/bin/mutmut" results | sed -n 's/^ *\([^ ]*\): .*/\1/p')
