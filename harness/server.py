@@ -30,6 +30,8 @@ BRANCH_HOLE_MARGIN = 2.0
 # equal; decoded pixels farther than DECODE_BAND px compare within the VAE round trip's own error on the picture.
 LATENT_BAND_CELLS = 1
 DECODE_BAND = 8
+# Widget kinds of /object_info inputs that a UI workflow stores in `widgets_values`.
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # The nodes `add_branch_checks` adds (ids far above the builders' own).
 CHECK_NODES = {"mask": "61", "latent": "62", "source": "63", "round_trip": "66"}
 # A fixed mmap threshold turns off glibc's dynamic one, under which freed checkpoint buffers can stay in the heap as
@@ -271,3 +273,62 @@ def decoded_branch_problems(server: ComfyServer, on: dict[str, Any], off: dict[s
 def save_json(path: str, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(data, fh)
+
+
+def load_workflow(name: str) -> dict[str, Any]:
+    """A UI-format workflow of ``example_workflows/``."""
+    with open(os.path.join(REPO, "example_workflows", name), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def ui_to_api(graph: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """The API prompt the browser would send for a UI-format workflow: links become [node id, slot], widget values
+    are assigned to the unlinked widget inputs in INPUT_TYPES order (required, then optional), skipping the extra
+    value a `control_after_generate` widget stores and LoadImage's upload button. Optional inputs added after the
+    workflow was saved get no value (the server's default), as in the browser."""
+    links = {link[0]: link for link in graph["links"]}
+    prompt = {}
+    for node in graph["nodes"]:
+        spec = info[node["type"]]["input"]
+        specs = {**spec.get("required", {}), **spec.get("optional", {})}
+        inputs: dict[str, Any] = {}
+        for socket in node["inputs"]:
+            if socket.get("link") is not None:
+                link = links[socket["link"]]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        values = iter(node.get("widgets_values") or [])
+        for name, (kind, *options) in specs.items():
+            if name in inputs or not (isinstance(kind, list) or kind in WIDGET_TYPES):
+                continue
+            value = next(values, None)
+            if value is None and name in spec.get("optional", {}):
+                continue  # saved before the input existed: the node's default applies, as in the browser
+            if value is None:
+                raise ValueError(f"node {node['id']} ({node['type']}) has no widget value for {name}")
+            inputs[name] = value
+            if options and options[0].get("control_after_generate"):
+                next(values)
+        left = list(values)
+        if left != (["image"] if node["type"] == "LoadImage" else []):
+            raise ValueError(f"node {node['id']} ({node['type']}) has widget values {left} left over")
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+def workflow_prompt(graph: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """:func:`ui_to_api` after checking the saved graph against the server's ``/object_info``: every node type exists
+    with the outputs it was saved with, and every link carries its source's output type into the socket that names
+    it (what the browser checks when it loads a shared workflow)."""
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    for node in nodes.values():
+        if node["type"] not in info:
+            raise ValueError(f"node {node['id']}: the server has no node {node['type']!r}")
+        if [o["type"] for o in node["outputs"]] != info[node["type"]]["output"]:
+            raise ValueError(f"node {node['id']} ({node['type']}) was saved with outputs "
+                             f"{[o['type'] for o in node['outputs']]}, the server's are {info[node['type']]['output']}")
+    for link_id, src, src_slot, dst, dst_slot, kind in graph["links"]:
+        if info[nodes[src]["type"]]["output"][src_slot] != kind:
+            raise ValueError(f"link {link_id} carries {kind} but node {src} output {src_slot} is "
+                             f"{info[nodes[src]['type']]['output'][src_slot]}")
+        if nodes[dst]["inputs"][dst_slot].get("link") != link_id:
+            raise ValueError(f"link {link_id} ends at node {dst} input {dst_slot}, which does not name it")
+    return ui_to_api(graph, info)

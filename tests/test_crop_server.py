@@ -12,55 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
 from harness.models import branch_file, sd15_checkpoint
 from painternet_core.shapes import render_mask
-from harness.server import branch_off, branch_problems, error_text, saved_pixels, start_server
+from harness.server import (branch_off, branch_problems, error_text, load_workflow, saved_pixels, start_server, ui_to_api,
+                            workflow_prompt)
 
 pytestmark = pytest.mark.server
 
 WORKFLOWS = ("painternet_sd15_crop_stitch.json", "painternet_sdxl_crop_stitch.json", "painternet_sd15_outpaint.json")
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 HEIGHT, WIDTH = 283, 397
-
-
-def load_workflow(name: str) -> dict[str, Any]:
-    with open(os.path.join(REPO, "example_workflows", name), encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def ui_to_api(graph: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-    """The API prompt the browser would send for a UI-format workflow: links become [node id, slot], widget values
-    are assigned to the unlinked widget inputs in INPUT_TYPES order (required, then optional), skipping the extra
-    value a `control_after_generate` widget stores and LoadImage's upload button. Optional inputs added after the
-    workflow was saved get no value (the server's default), as in the browser."""
-    links = {link[0]: link for link in graph["links"]}
-    prompt = {}
-    for node in graph["nodes"]:
-        spec = info[node["type"]]["input"]
-        specs = {**spec.get("required", {}), **spec.get("optional", {})}
-        inputs: dict[str, Any] = {}
-        for socket in node["inputs"]:
-            if socket.get("link") is not None:
-                link = links[socket["link"]]
-                inputs[socket["name"]] = [str(link[1]), link[2]]
-        values = iter(node.get("widgets_values") or [])
-        for name, (kind, *options) in specs.items():
-            if name in inputs or not (isinstance(kind, list) or kind in WIDGET_TYPES):
-                continue
-            value = next(values, None)
-            if value is None and name in spec.get("optional", {}):
-                continue  # saved before the input existed: the node's default applies, as in the browser
-            if value is None:
-                raise ValueError(f"node {node['id']} ({node['type']}) has no widget value for {name}")
-            inputs[name] = value
-            if options and options[0].get("control_after_generate"):
-                next(values)
-        left = list(values)
-        if left != (["image"] if node["type"] == "LoadImage" else []):
-            raise ValueError(f"node {node['id']} ({node['type']}) has widget values {left} left over")
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +41,7 @@ def server(tmp_path_factory):
 def test_example_workflows_match_the_server_nodes(server, name):
     info = server.object_info()
     graph = load_workflow(name)
-    nodes = {n["id"]: n for n in graph["nodes"]}
-    for node in nodes.values():
-        assert node["type"] in info, node["type"]
-        assert [o["type"] for o in node["outputs"]] == info[node["type"]]["output"]
-    for link_id, src, src_slot, dst, dst_slot, kind in graph["links"]:
-        assert info[nodes[src]["type"]]["output"][src_slot] == kind
-        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
-    prompt = ui_to_api(graph, info)  # raises when widget values and widget inputs do not line up
+    prompt = workflow_prompt(graph, info)
     for node_id, node in prompt.items():
         assert set(info[node["class_type"]]["input"]["required"]) <= set(node["inputs"]), node_id
     types = [n["type"] for n in graph["nodes"]]

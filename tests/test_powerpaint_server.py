@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 
 from harness.models import branch_file, cached_path, clip_text_encoder_file, powerpaint_branch_file, sd15_checkpoint
-from harness.server import error_text, start_server
-from test_crop_server import load_workflow, ui_to_api
+from harness.server import error_text, load_workflow, start_server, ui_to_api, workflow_prompt
 
 pytestmark = pytest.mark.server
 
@@ -72,14 +71,7 @@ def _original() -> np.ndarray:
 def test_workflows_match_the_server_nodes(server, name):
     info = server.object_info()
     graph = load_workflow(name)
-    nodes = {n["id"]: n for n in graph["nodes"]}
-    for node in nodes.values():
-        assert node["type"] in info, node["type"]
-        assert [o["type"] for o in node["outputs"]] == info[node["type"]]["output"]
-    for link_id, src, src_slot, dst, dst_slot, kind in graph["links"]:
-        assert info[nodes[src]["type"]]["output"][src_slot] == kind
-        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
-    prompt = ui_to_api(graph, info)
+    prompt = workflow_prompt(graph, info)
     apply = next(n for n in prompt.values() if n["class_type"] == "PowerPaintApply")
     encode = next(n for n in prompt.values() if n["class_type"] == "PowerPaintTextEncode")
     assert apply["inputs"]["task"] == encode["inputs"]["task"] == name.split("sd15_")[1][:-5].replace("_", "-") \

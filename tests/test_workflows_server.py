@@ -16,8 +16,7 @@ from PIL import Image
 
 from conftest import REPO
 from harness.models import branch_file, sd15_checkpoint
-from harness.server import error_text, start_server
-from test_crop_server import ui_to_api
+from harness.server import error_text, start_server, ui_to_api
 
 pytestmark = pytest.mark.server
 
