@@ -165,6 +165,18 @@ def start_server(base: str, timeout: float = 300.0, cpu: bool = True,
     return server
 
 
+def start_sd15_server(base: str) -> ComfyServer:
+    """:func:`start_server` with the tiny SD15 test checkpoint and branch (``harness.models``) linked in as
+    ``tiny-sd15.safetensors`` and ``tiny-sd15-branch.safetensors``, the names the test graphs load."""
+    from harness.models import branch_file, sd15_checkpoint
+
+    server = start_server(base)
+    os.symlink(sd15_checkpoint(), os.path.join(server.models("checkpoints"), "tiny-sd15.safetensors"))
+    os.symlink(branch_file("sd15", "tiny-sd15-320-branch.safetensors"),
+               os.path.join(server.models("painternet"), "tiny-sd15-branch.safetensors"))
+    return server
+
+
 def saved_pixels(server: ComfyServer, entry: dict[str, Any], node: str, index: int = 0) -> np.ndarray:
     """The `index`-th picture a SaveImage node `node` wrote for a finished prompt, as (H, W, 3) uint8 RGB."""
     from PIL import Image

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.models import branch_file, sd15_checkpoint
 from painternet_core.shapes import render_mask
-from harness.server import (branch_off, branch_problems, error_text, load_workflow, saved_pixels, start_server, ui_to_api,
-                            workflow_prompt)
+from harness.server import (branch_off, branch_problems, error_text, load_workflow, saved_pixels, start_sd15_server,
+                            ui_to_api, workflow_prompt)
 
 pytestmark = pytest.mark.server
 
@@ -25,11 +24,7 @@ HEIGHT, WIDTH = 283, 397
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("comfy-crop"))
-    srv = start_server(base)
-    os.symlink(sd15_checkpoint(), os.path.join(srv.models("checkpoints"), "tiny-sd15.safetensors"))
-    os.symlink(branch_file("sd15", "tiny-sd15-320-branch.safetensors"),
-               os.path.join(srv.models("painternet"), "tiny-sd15-branch.safetensors"))
+    srv = start_sd15_server(str(tmp_path_factory.mktemp("comfy-crop")))
     yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
     rgb = np.stack([xx * 255 // WIDTH, yy * 255 // HEIGHT, (xx + yy) % 256], axis=-1).astype(np.uint8)
     Image.fromarray(rgb, "RGB").save(os.path.join(srv.input_dir, "photo.png"))

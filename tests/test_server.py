@@ -7,19 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.models import branch_file, sd15_checkpoint
-from harness.server import add_branch_checks, branch_off, decoded_branch_problems, error_text, saved_pixels, start_server
+from harness.server import (add_branch_checks, branch_off, decoded_branch_problems, error_text, saved_pixels,
+                            start_sd15_server)
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("comfy"))
-    srv = start_server(base)
-    os.symlink(sd15_checkpoint(), os.path.join(srv.models("checkpoints"), "tiny-sd15.safetensors"))
-    os.symlink(branch_file("sd15", "tiny-sd15-320-branch.safetensors"),
-               os.path.join(srv.models("painternet"), "tiny-sd15-branch.safetensors"))
+    srv = start_sd15_server(str(tmp_path_factory.mktemp("comfy")))
     # A 64x48 RGBA picture whose transparent rectangle is the hole (LoadImage's mask = 1 - alpha).
     rgba = np.zeros((48, 64, 4), np.uint8)
     rgba[..., 0] = np.linspace(0, 255, 64, dtype=np.uint8)[None]

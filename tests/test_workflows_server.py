@@ -15,8 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from harness.models import branch_file, sd15_checkpoint
-from harness.server import error_text, start_server, ui_to_api
+from harness.server import error_text, start_sd15_server, ui_to_api
 
 pytestmark = pytest.mark.server
 
@@ -29,10 +28,7 @@ V1_SAVED = os.path.join(REPO, "tests", "data", "v1_saved_workflow.json")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_server(str(tmp_path_factory.mktemp("comfy-workflows")))
-    os.symlink(sd15_checkpoint(), os.path.join(srv.models("checkpoints"), "tiny-sd15.safetensors"))
-    os.symlink(branch_file("sd15", "tiny-sd15-320-branch.safetensors"),
-               os.path.join(srv.models("painternet"), "tiny-sd15-branch.safetensors"))
+    srv = start_sd15_server(str(tmp_path_factory.mktemp("comfy-workflows")))
     yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
     rgb = np.stack([xx * 255 // WIDTH, yy * 255 // HEIGHT, (xx + yy) % 256], axis=-1).astype(np.uint8)
     # LoadImage's MASK is 1 - alpha: the transparent rectangle is the hole the whole-image workflows inpaint.
