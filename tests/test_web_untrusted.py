@@ -51,8 +51,7 @@ def test_malformed_shapes_in_a_shared_workflow_are_skipped_with_a_warning(browse
                           _workflow(text))
             node = f"{APP}.graph.getNodeById(1)"
             _wait(page, f"{node}?.painternetEditor", "the editor widget on the loaded PainterNetBoxMask")
-            page.wait_for_timeout(300)  # let the editor draw once
-            drawn = page.evaluate(f"{node}.painternetEditor.shapes")
+            drawn = page.evaluate(f"{node}.painternetEditor.shapes")  # what the editor paints, parsed from the widget
             assert drawn == ([{"type": "box", "x": 0.1, "y": 0.2, "w": 0.3, "h": 0.4}] if text == MALFORMED
                              else []), drawn
     finally:
@@ -81,7 +80,7 @@ def _load(page, text: str) -> str:
                   _workflow(text))
     node = f"{APP}.graph.getNodeById(1)"
     _wait(page, f"{node}?.painternetEditor", "the editor widget on the loaded PainterNetBoxMask")
-    page.wait_for_timeout(300)
+    page.evaluate(f"{node}.painternetEditor.shapes.length")  # the first read parses the loaded value, as a draw would
     return f"{node}.painternetEditor"
 
 
