@@ -156,6 +156,13 @@ def test_dropped_prompts_are_excluded_and_all_dropped_gives_connected_zero():
     assert layer.grad is not None and torch.equal(layer.grad, torch.zeros_like(layer))
 
 
+def test_a_mask_without_channel_axis_gives_the_same_loss():
+    gen = torch.Generator().manual_seed(2)
+    maps = [torch.rand(2, 16, generator=gen), torch.rand(2, 2, 2, generator=gen)]
+    mask = (torch.rand(2, 1, 8, 8, generator=gen) > 0.5).float()
+    assert atal_loss(maps, mask[:, 0]).item() == atal_loss(maps, mask).item() > 0
+
+
 def test_loss_is_fp32_for_bf16_maps():
     mask = torch.ones(1, 1, 2, 2)
     assert atal_loss([torch.zeros(1, 4, dtype=torch.bfloat16)], mask).dtype == torch.float32
