@@ -415,3 +415,42 @@ def test_install_replaces_only_cross_attention_and_logs_the_count(caplog):
     assert isinstance(model.block.attn2.processor, ATALAttnProcessor)
     assert [r.getMessage() for r in caplog.records if r.name == "painternet"] == [
         "ATAL processors installed on 1 cross-attention layers"]
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_processor_matches_attnprocessor2_0_on_every_attention_option(cross):
+    """The processor replaces diffusers' for any Attention it is installed on: 4-D input, spatial and group norm, a
+    normed context, q/k norms, an attention mask, the residual and the output rescale all behave as in diffusers."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(3)
+    attn = Attention(query_dim=32, cross_attention_dim=12 if cross else None, heads=2, dim_head=8,
+                     cross_attention_norm="layer_norm" if cross else None, qk_norm="layer_norm", norm_num_groups=4,
+                     spatial_norm_dim=6, rescale_output_factor=2.0, residual_connection=True).eval()
+    hidden = torch.randn(2, 32, 3, 5)  # SpatialNorm's GroupNorm(32) needs 32 channels
+    temb = torch.randn(2, 6, 3, 5)
+    context = torch.randn(2, 7, 12) if cross else None
+    keep = torch.ones(2, 7 if cross else 15)
+    keep[1, -2:] = 0
+    bias = (1 - keep) * -10000.0
+    attn.set_processor(AttnProcessor2_0())
+    reference = attn(hidden, encoder_hidden_states=context, attention_mask=bias, temb=temb)
+    recorder = ATALRecorder()
+    attn.set_processor(ATALAttnProcessor(recorder, "mid.attn2"))
+    token_mask = torch.zeros(2, 7 if cross else 15, dtype=torch.bool)
+    token_mask[:, 1:4] = True
+    with recorder.record(token_mask):
+        got = attn(hidden, encoder_hidden_states=context, attention_mask=bias, temb=temb)
+        assert list(recorder.maps) == (["mid.attn2"] if cross else [])
+    assert got.shape == hidden.shape
+    torch.testing.assert_close(got, reference, atol=1e-6, rtol=0)
+
+
+def test_loss_of_a_half_precision_mask_is_computed_in_fp32():
+    """A one-pixel hole on a 3x3 mask is 1/9 on a 1x1 map, a value fp16/bf16 cannot hold: the target is resized in
+    fp32, so the loss is 1/81 to fp32 precision."""
+    mask = torch.zeros(1, 1, 3, 3)
+    mask[0, 0, 1, 1] = 1
+    for dtype in (torch.float16, torch.bfloat16):
+        loss = atal_loss([torch.zeros(1, 1)], mask.to(dtype))
+        assert loss.dtype == torch.float32 and loss.item() == pytest.approx(1 / 81, rel=1e-6)
