@@ -324,8 +324,8 @@ def _record_with_wrong_mask() -> None:
     attn = _tiny_attention()
     recorder = ATALRecorder()
     attn.set_processor(ATALAttnProcessor(recorder, "blk.attn2"))
-    with recorder.record(torch.zeros(2, 5, dtype=torch.bool)):
-        attn(torch.randn(2, 20, 16), encoder_hidden_states=torch.randn(2, 7, 12))
+    with recorder.record(torch.zeros(1, 5, dtype=torch.bool)):  # batch 1, 2 heads: the message's B is the batch
+        attn(torch.randn(1, 20, 16), encoder_hidden_states=torch.randn(1, 7, 12))
 
 
 ERRORS = {
@@ -383,7 +383,7 @@ ERRORS = {
         "token_mask must be (B, L); got shape (5,)."),
     "recorder mask of another length": (
         _record_with_wrong_mask,
-        "ATAL token mask has shape (2, 5) but layer blk.attn2 attends to (B, L) = (2, 7); start the recorder with the "
+        "ATAL token mask has shape (1, 5) but layer blk.attn2 attends to (B, L) = (1, 7); start the recorder with the "
         "mask of the prompts actually encoded for this batch."),
     "not a module": (
         lambda: install_atal_processors("unet", ATALRecorder()),
