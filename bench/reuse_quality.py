@@ -71,9 +71,34 @@ def step_changes(base: object, branch: torch.nn.Module, samples: list, *, seed: 
     return np.mean(inputs, axis=0), np.mean(residuals, axis=0)
 
 
+def calibrate(args: argparse.Namespace) -> None:
+    """Per-step input change only (no training): the untrained branch (a copy of the base) on the cached base, for
+    each DDIM step count in ``--calibrate``; the adaptive rule compares exactly this change with its threshold."""
+    from painternet_core.branch import PainterNetBranch
+    from training.inference import load_base_model
+
+    torch.set_num_threads(args.threads)
+    base = load_base_model(prepare_base(PretrainSettings(seed=args.base_seed), Path(args.cache)))
+    branch = PainterNetBranch.from_unet(base.unet, attention_control=True).eval()
+    samples = held_out_samples(args.samples, args.base_seed)
+    print(f"# reuse calibration, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {device_name()}, "
+          f"{os.cpu_count()} CPUs, {args.threads} thread(s); untrained (base-copy) branch, learning-task base, "
+          f"{args.samples} held-out scenes, CFG 5")
+    for steps in args.calibrate:
+        change, _ = step_changes(base, branch, samples, seed=args.seed, num_inference_steps=steps)
+        print(f"DDIM {steps}: relative L2 change of the branch input per step (mean over prompt groups): "
+              + " ".join(f"{v:.3f}" for v in change))
+    load = os.getloadavg()
+    print(f"load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+
+
 def run(args: argparse.Namespace) -> None:
     from painternet_core.reuse import PRESETS, BranchReuse
     from training.inference import load_base_model
+
+    if args.calibrate:
+        calibrate(args)
+        return
 
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -139,6 +164,8 @@ def main() -> None:
     parser.add_argument("--ddim", type=int, default=20, help="DDIM sampling steps.")
     parser.add_argument("--sweep", type=float, nargs="*", default=[0.1, 0.2],
                         help="Extra adaptive thresholds (max_change, every <= 3) to evaluate.")
+    parser.add_argument("--calibrate", type=int, nargs="*", default=[],
+                        help="Only print the per-step input change for these DDIM step counts (no training).")
     parser.add_argument("--base_seed", type=int, default=0)
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "learning_task"))
     parser.add_argument("--threads", type=int, default=2)
