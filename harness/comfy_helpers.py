@@ -15,8 +15,8 @@ from harness import CACHE, REPO
 PACK_NAME = "ComfyUI-PainterNet"
 
 
-def _pack_module_name() -> str:
-    # ComfyUI names a directory pack after its path with dots escaped (nodes.py `load_custom_node`).
+def pack_module_name() -> str:
+    """The module name ComfyUI gives the pack: its path with dots escaped (nodes.py `load_custom_node`)."""
     return os.path.join(CACHE, "custom_nodes", PACK_NAME).replace(".", "_x_")
 
 
@@ -25,7 +25,7 @@ def load_pack() -> dict[str, type]:
     the nodes would silently vanish for a user, so it fails the test instead."""
     import nodes
 
-    if _pack_module_name() in sys.modules:
+    if pack_module_name() in sys.modules:
         return nodes.NODE_CLASS_MAPPINGS
     folder = os.path.join(CACHE, "custom_nodes")
     os.makedirs(folder, exist_ok=True)
@@ -43,7 +43,7 @@ def load_pack() -> dict[str, type]:
 def pack_module(name: str) -> Any:
     """A submodule of the loaded pack, e.g. pack_module("nodes.branch")."""
     load_pack()
-    return importlib.import_module(f"{_pack_module_name()}.{name}")
+    return importlib.import_module(f"{pack_module_name()}.{name}")
 
 
 def comfy_model_config(family: str, unet_config: dict[str, Any]) -> Any:

@@ -32,10 +32,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 if os.environ.get("PAINTERNET_MUTATION") == "1":
     # A mutation run of nodes/ (scripts/mutation.sh): see harness/mutation.py.
-    from harness.comfy_helpers import _pack_module_name
+    from harness.comfy_helpers import pack_module_name
     from harness.mutation import bridge_pack_names
 
-    bridge_pack_names(_pack_module_name())
+    bridge_pack_names(pack_module_name())
 
 # Tiny CLIP / Grounding-DINO fixtures shared by the PainterBench and PainterData tests.
 pytest_plugins = ["painter_fixtures"]

@@ -84,10 +84,10 @@ def test_comfyui_registers_the_v3_nodes_through_comfy_entrypoint():
     import sys
 
     from comfy_api.v0_0_2 import io
-    from harness.comfy_helpers import _pack_module_name
+    from harness.comfy_helpers import pack_module_name
 
     mappings = load_pack()
-    pack = sys.modules[_pack_module_name()]
+    pack = sys.modules[pack_module_name()]
     assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and callable(pack.comfy_entrypoint)
     ours = {name: cls for name, cls in mappings.items()
             if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == "custom_nodes.ComfyUI-PainterNet"}
