@@ -306,7 +306,10 @@ def test_export_runs_in_comfyui_like_in_the_trainer(sd15_run, tmp_path):
     with torch.no_grad():
         got = patched.model.diffusion_model(sample, t, context=context,
                                             transformer_options=sampling_options(patched, 1.0, [0]))
-    assert (got - want).abs().max() <= 1e-5
+    # Relative to the prediction's scale: the branch trained on one thread (the fixture) gave 3.3e-5 on outputs up to
+    # ~0.6 (5e-5 of the scale), the same branch trained on two threads under 1e-5; a wrong or missing residual moves
+    # the prediction by 1e-2 and more.
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_export_rebuilt_by_comfyui_gives_the_trained_branchs_residuals(sd15_run):
