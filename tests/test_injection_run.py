@@ -207,7 +207,6 @@ def test_reuse_every_n_skips_the_branch_and_reuses_the_last_residuals(world, eve
     for step in range(steps):
         last_run = max(r for r in runs if r <= step)
         assert seen.sets[step] == seen.sets[last_run]
-    assert len(set(seen.sets)) == len(runs)
     off = _ksampler(world, _apply(world, world["model"]), steps=steps)
     assert torch.isfinite(reused).all() and (reused - off).abs().max() > 1e-6
 
