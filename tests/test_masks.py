@@ -184,6 +184,74 @@ def test_paper_mix_boxes_are_rectangular_or_square_in_the_documented_share():
         masks.box_mask(seg, rng, square_share=1.5)
 
 
+@pytest.mark.parametrize("shape, rows, cols, square_rows, square_cols", [
+    ((64, 96), (20, 30), (10, 51), (5, 46), (10, 51)),  # grown around its centre: 31 more rows, 15 above
+    ((64, 96), (5, 56), (40, 50), (5, 56), (20, 71)),  # a tall box grows sideways, 20 px left
+    ((64, 96), (2, 12), (10, 51), (0, 41), (10, 51)),  # at the top border: shifted down, not cut
+    ((64, 96), (55, 64), (10, 51), (23, 64), (10, 51)),  # at the bottom border: shifted up, not cut
+    ((30, 96), (10, 20), (10, 51), (0, 30), (10, 51)),  # the image is lower than the side: clipped to it
+])
+def test_square_box_is_centred_on_the_box_and_shifted_inside_the_image(shape, rows, cols, square_rows, square_cols):
+    seg = np.zeros(shape, np.float32)
+    seg[rows[0]:rows[1], cols[0]:cols[1]] = 1
+    expected = np.zeros(shape, np.float32)
+    expected[square_rows[0]:square_rows[1], square_cols[0]:square_cols[1]] = 1
+    out = masks.box_mask(seg, np.random.default_rng(0), expand=(0.0, 0.0), square_share=1.0)
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("square_share, draws", [(0.0, 4), (0.5, 5), (1.0, 5)])
+def test_box_draws_the_square_choice_only_when_squares_are_possible(square_share, draws):
+    """A trainer shares one generator across samples: a box of share 0 takes exactly its four expansions from it."""
+    rng = np.random.default_rng(11)
+    masks.box_mask(_object(32, 32), rng, square_share=square_share)
+    reference = np.random.default_rng(11)
+    reference.random(draws)
+    assert rng.random() == reference.random()
+
+
+def test_box_is_square_exactly_when_the_draw_is_below_the_share():
+    """P(u < share) = share for u ~ U[0, 1): a draw equal to the share keeps the rectangle, one ulp above squares it."""
+    seg = np.zeros((64, 96), np.float32)
+    seg[20:30, 10:51] = 1
+    reference = np.random.default_rng(5)
+    reference.random(4)
+    u = reference.random()
+    for share, square in ((u, False), (np.nextafter(u, 1.0), True)):
+        y0, y1, x0, x1 = _bbox(masks.box_mask(seg, np.random.default_rng(5), expand=(0.0, 0.0), square_share=share))
+        assert (y1 - y0 == x1 - x0) is square
+
+
+def _seed_drawing(kind: str) -> int:
+    return next(s for s in range(100) if masks.paper_kind(np.random.default_rng(s).random()) == kind)
+
+
+@pytest.mark.parametrize("through", ["paper_mix_mask", "generate_mask"])
+@pytest.mark.parametrize("kind", masks.MASK_KINDS)
+def test_paper_mix_passes_every_parameter_to_the_kind_it_draws(kind, through):
+    seg = _object(64, 64)
+    params = masks.IrregularMaskParams(dilation_scale=0.0, strokes=(1, 1), segments=(3, 3))
+    chosen = {"box_expand": (0.5, 0.5), "irregular": params, "square_share": 1.0}
+    seed = _seed_drawing(kind)
+    polls: list[int] = []
+    if through == "paper_mix_mask":
+        mixed = masks.paper_mix_mask(seg, np.random.default_rng(seed), check_interrupt=lambda: polls.append(1),
+                                     **chosen)
+        assert mixed.kind == kind
+        out = mixed.mask
+    else:
+        out = masks.generate_mask(seg, "paper_mix", np.random.default_rng(seed),
+                                  check_interrupt=lambda: polls.append(1), **chosen)
+    replay = np.random.default_rng(seed)
+    replay.random()
+    np.testing.assert_array_equal(out, masks.generate_mask(seg, kind, replay, **chosen))
+    if kind != "segmentation":  # the chosen parameters give another mask than the defaults would
+        default = np.random.default_rng(seed)
+        default.random()
+        assert not np.array_equal(out, masks.generate_mask(seg, kind, default))
+    assert len(polls) == (3 if kind == "irregular" else 0)  # one poll per drawing op: 1 stroke of 3 segments
+
+
 def _object(h: int, w: int) -> np.ndarray:
     seg = np.zeros((h, w), dtype=np.float32)
     cv2.ellipse(seg, (w // 2, h // 2), (max(1, w // 8), max(1, h // 10)), 20, 0, 360, 1, -1)
