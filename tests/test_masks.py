@@ -252,6 +252,22 @@ def test_paper_mix_passes_every_parameter_to_the_kind_it_draws(kind, through):
     assert len(polls) == (3 if kind == "irregular" else 0)  # one poll per drawing op: 1 stroke of 3 segments
 
 
+@pytest.mark.parametrize("share", [{}, {"square_share": 0.0}])
+def test_generate_mask_paper_mix_squares_boxes_like_paper_mix_mask(share):
+    """By default half the mix's boxes are squares through either function; a share of 0 is passed on too."""
+    seg = np.zeros((64, 96), np.float32)
+    seg[20:30, 10:51] = 1
+    squares = 0
+    for seed in (s for s in range(40) if masks.paper_kind(np.random.default_rng(s).random()) == "box"):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        out = masks.generate_mask(seg, "paper_mix", a, **share)
+        np.testing.assert_array_equal(out, masks.paper_mix_mask(seg, b, **share).mask)
+        assert a.random() == b.random()  # the same draws taken, the square choice included (only for share > 0)
+        y0, y1, x0, x1 = _bbox(out)
+        squares += y1 - y0 == x1 - x0
+    assert (squares > 0) == (not share)
+
+
 def _object(h: int, w: int) -> np.ndarray:
     seg = np.zeros((h, w), dtype=np.float32)
     cv2.ellipse(seg, (w // 2, h // 2), (max(1, w // 8), max(1, h // 10)), 20, 0, 360, 1, -1)
