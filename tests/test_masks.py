@@ -373,6 +373,21 @@ def test_irregular_parameters_take_effect():
     assert many > few > seg.sum()
 
 
+@pytest.mark.parametrize("ksize, iterations", [(1, 1), (1, 3), (2, 1), (2, 3), (3, 2), (4, 1), (7, 2), (12, 3),
+                                                (22, 1), (23, 1), (31, 1), (32, 1), (90, 3)])
+@pytest.mark.parametrize("content", ["sparse", "first corner", "last corner"])
+def test_dilate_rect_equals_cv2_dilate_with_a_square_kernel(ksize, iterations, content):
+    """Its docstring's promise, including kernels reaching just short of, exactly across and beyond the image."""
+    u8 = np.zeros((23, 31), np.uint8)
+    if content == "sparse":
+        u8[:] = np.random.default_rng(0).random(u8.shape) < 0.03
+    u8[(0, 0) if content == "first corner" else (-1, -1)] = 1
+    expected = cv2.dilate(u8, np.ones((ksize, ksize), np.uint8), iterations=iterations)
+    out = masks.dilate_rect(u8, ksize, iterations)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_dilation_band_follows_coverage_ratio():
     bands = masks.DEFAULT_DILATION_BANDS
     p = masks.IrregularMaskParams()
