@@ -382,10 +382,11 @@ def test_dilate_rect_equals_cv2_dilate_with_a_square_kernel(ksize, iterations, c
     if content == "sparse":
         u8[:] = np.random.default_rng(0).random(u8.shape) < 0.03
     u8[(0, 0) if content == "first corner" else (-1, -1)] = 1
-    expected = cv2.dilate(u8, np.ones((ksize, ksize), np.uint8), iterations=iterations)
-    out = masks.dilate_rect(u8, ksize, iterations)
-    assert out.dtype == np.uint8
-    np.testing.assert_array_equal(out, expected)
+    for image in (u8, np.ascontiguousarray(u8.T)):  # wide and tall: each axis clips its reach to its own length
+        expected = cv2.dilate(image, np.ones((ksize, ksize), np.uint8), iterations=iterations)
+        out = masks.dilate_rect(image, ksize, iterations)
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(out, expected)
 
 
 def test_dilation_band_follows_coverage_ratio():
