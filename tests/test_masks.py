@@ -398,8 +398,8 @@ def _thin(kind: str) -> np.ndarray:
     return u8
 
 
-@pytest.mark.parametrize("kind", ["ring", "diagonal"])
-def test_random_points_are_count_nonzero_pixels_drawn_uniformly(kind):
+@pytest.mark.parametrize("kind, per_pixel", [("ring", 100), ("diagonal", 1000)])
+def test_random_points_are_count_nonzero_pixels_drawn_uniformly(kind, per_pixel):
     u8 = _thin(kind)
     rng = np.random.default_rng(0)
     for count in (1, 3, 40):
@@ -407,12 +407,12 @@ def test_random_points_are_count_nonzero_pixels_drawn_uniformly(kind):
         assert points.shape == (count, 2)
         assert u8[points[:, 1], points[:, 0]].all()
     n = int(u8.sum())
-    points = masks._random_points(u8, rng, 100 * n)
+    points = masks._random_points(u8, rng, per_pixel * n)
     hits = np.zeros(u8.shape, np.int64)
     np.add.at(hits, (points[:, 1], points[:, 0]), 1)
     assert not hits[u8 == 0].any()
-    # 100 expected per pixel: a chi-square over n - 1 degrees of freedom stays below n + 6 sqrt(2n) unless biased
-    assert ((hits[u8 != 0] - 100.0) ** 2 / 100.0).sum() < n + 6 * np.sqrt(2 * n)
+    # a chi-square over n - 1 degrees of freedom stays below n + 6 sqrt(2n) unless the draw is biased
+    assert ((hits[u8 != 0] - per_pixel) ** 2 / per_pixel).sum() < n + 6 * np.sqrt(2 * n)
 
 
 # A saved workflow's seed must keep giving the same mask: these digests freeze the irregular scribble's stream of
@@ -436,6 +436,22 @@ def _irregular_digest(kind: str, overrides: dict, seed: int) -> str:
 @pytest.mark.parametrize("kind, overrides, seed, digest", IRREGULAR_STREAM)
 def test_irregular_mask_of_a_seed_is_the_same_in_every_version(kind, overrides, seed, digest):
     assert _irregular_digest(kind, overrides, seed) == digest
+
+
+def test_irregular_dilation_draws_kernel_and_iterations_uniformly_from_the_band():
+    """Algorithm 1 steps 6-8: kernel side ~ U[band.kernel] x short side (rounded), iterations ~ U{band.iterations}."""
+    band = masks.DilationBand(max_ratio=1.0, kernel=(0.02, 0.1), iterations=(1, 3))
+    params = masks.IrregularMaskParams(dilation_bands=(band,), strokes=(0, 0))
+    seg = _object(100, 120).astype(np.uint8)
+    seen = set()
+    for seed in range(12):
+        reference = np.random.default_rng(seed)
+        ksize = max(1, round(reference.uniform(0.02, 0.1) * 100))
+        iterations = int(reference.integers(1, 4))
+        seen.add((ksize, iterations))
+        expected = cv2.dilate(seg, np.ones((ksize, ksize), np.uint8), iterations=iterations)
+        np.testing.assert_array_equal(masks.irregular_mask(seg, np.random.default_rng(seed), params), expected)
+    assert {it for _, it in seen} == {1, 2, 3} and len({k for k, _ in seen}) > 4
 
 
 def test_dilation_band_follows_coverage_ratio():
