@@ -438,20 +438,26 @@ def test_irregular_mask_of_a_seed_is_the_same_in_every_version(kind, overrides, 
     assert _irregular_digest(kind, overrides, seed) == digest
 
 
-def test_irregular_dilation_draws_kernel_and_iterations_uniformly_from_the_band():
-    """Algorithm 1 steps 6-8: kernel side ~ U[band.kernel] x short side (rounded), iterations ~ U{band.iterations}."""
-    band = masks.DilationBand(max_ratio=1.0, kernel=(0.02, 0.1), iterations=(1, 3))
-    params = masks.IrregularMaskParams(dilation_bands=(band,), strokes=(0, 0))
+@pytest.mark.parametrize("kernel_shape, kernel", [("rect", (0.02, 0.1)), ("ellipse", (0.02, 0.1)),
+                                                  ("rect", (0.02, 0.02))])  # the last: a 2-px kernel, the smallest
+def test_irregular_dilation_draws_kernel_and_iterations_uniformly_from_the_band(kernel_shape, kernel):
+    """Algorithm 1 steps 6-8: kernel side ~ U[band.kernel] x short side (rounded), iterations ~ U{band.iterations},
+    with a square or an elliptic structuring element."""
+    band = masks.DilationBand(max_ratio=1.0, kernel=kernel, iterations=(1, 3))
+    params = masks.IrregularMaskParams(dilation_bands=(band,), kernel_shape=kernel_shape, strokes=(0, 0))
     seg = _object(100, 120).astype(np.uint8)
     seen = set()
     for seed in range(12):
         reference = np.random.default_rng(seed)
-        ksize = max(1, round(reference.uniform(0.02, 0.1) * 100))
+        ksize = max(1, round(reference.uniform(*kernel) * 100))
         iterations = int(reference.integers(1, 4))
         seen.add((ksize, iterations))
-        expected = cv2.dilate(seg, np.ones((ksize, ksize), np.uint8), iterations=iterations)
+        element = (np.ones((ksize, ksize), np.uint8) if kernel_shape == "rect"
+                   else cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (ksize, ksize)))
+        expected = cv2.dilate(seg, element, iterations=iterations)
         np.testing.assert_array_equal(masks.irregular_mask(seg, np.random.default_rng(seed), params), expected)
-    assert {it for _, it in seen} == {1, 2, 3} and len({k for k, _ in seen}) > 4
+    assert {it for _, it in seen} == {1, 2, 3}
+    assert len({k for k, _ in seen}) > 4 if kernel[0] < kernel[1] else {k for k, _ in seen} == {2}
 
 
 def test_dilation_band_follows_coverage_ratio():
