@@ -657,6 +657,24 @@ def _counting_draws(monkeypatch) -> list[str]:
     return calls
 
 
+def test_shape_weights_are_relative_probabilities_of_line_circle_square(monkeypatch):
+    seg = _object(128, 128)
+    base = dict(dilation_scale=0.0, strokes=(20, 20), segments=(20, 20), width=(0.005, 0.005))
+    calls = _counting_draws(monkeypatch)
+    for weights, only in (((1.0, 0.0, 0.0), "line"), ((0.0, 2.0, 0.0), "circle"), ((0.0, 0.0, 5.0), "fillConvexPoly")):
+        calls.clear()
+        masks.generate_mask(seg, "irregular", np.random.default_rng(0), shape_weights=weights, **base)
+        assert calls == [only] * 400
+    calls.clear()
+    masks.generate_mask(seg, "irregular", np.random.default_rng(0), shape_weights=(1.0, 1.0, 2.0), **base)
+    shares = [calls.count(op) / 400 for op in ("line", "circle", "fillConvexPoly")]
+    assert np.allclose(shares, (0.25, 0.25, 0.5), atol=0.08)  # 0.08 is over 3.5 binomial deviations at n = 400
+    for seed in range(4):  # only the ratios count
+        a = masks.generate_mask(seg, "irregular", np.random.default_rng(seed), shape_weights=(3.0, 1.0, 1.0))
+        b = masks.generate_mask(seg, "irregular", np.random.default_rng(seed), shape_weights=(0.6, 0.2, 0.2))
+        np.testing.assert_array_equal(a, b)
+
+
 def test_scribble_at_every_maximum_stops_drawing_once_the_mask_is_full(monkeypatch):
     """The node's largest values (64 drawings x 64 segments, brush = the short side) once cost 4096 image-sized
     fills (~25 s per 8192² item); once the shapes cover the image nothing more is drawn, and the output and the
