@@ -675,6 +675,34 @@ def test_shape_weights_are_relative_probabilities_of_line_circle_square(monkeypa
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("width, pixels", [((0.0, 0.0), 1), ((0.004, 0.004), 1), ((0.1, 0.1), 6), ((0.3, 0.3), 19)])
+def test_brush_is_the_width_fraction_of_the_short_side_and_at_least_one_pixel(monkeypatch, width, pixels):
+    thickness: list[int] = []
+    real = cv2.line
+    monkeypatch.setattr(masks.cv2, "line", lambda *a, **k: thickness.append(k["thickness"]) or real(*a, **k))
+    seg = _object(64, 96)  # short side 64
+    masks.generate_mask(seg, "irregular", np.random.default_rng(0), dilation_scale=0.0, strokes=(2, 2),
+                        segments=(3, 3), shape_weights=(1.0, 0.0, 0.0), width=width)
+    assert thickness == [pixels] * 6
+
+
+def test_full_coverage_is_looked_at_once_per_image_area_drawn(monkeypatch):
+    """The look costs a pass over the image, so it comes only after shapes adding up to the image's area."""
+    looks: list[int] = []
+    real = cv2.countNonZero
+    monkeypatch.setattr(masks.cv2, "countNonZero", lambda m: looks.append(1) or real(m))
+    seg = np.zeros((2, 2), np.float32)
+    seg[0, 0] = 1
+    for segments, drawn_looks in ((1, 0), (2, 1)):  # discs of radius 1: pi < 4 px < 2 pi
+        looks.clear()
+        masks.generate_mask(seg, "irregular", np.random.default_rng(0), dilation_scale=0.0, strokes=(1, 1),
+                            segments=(segments, segments), shape_weights=(0.0, 1.0, 0.0), width=(0.5, 0.5))
+        assert len(looks) == 1 + drawn_looks  # the first is the coverage ratio of the segmentation
+    looks.clear()
+    masks.generate_mask(_object(256, 256), "irregular", np.random.default_rng(0))
+    assert len(looks) == 1  # a default scribble covers far less than the image: never looked at
+
+
 def test_scribble_at_every_maximum_stops_drawing_once_the_mask_is_full(monkeypatch):
     """The node's largest values (64 drawings x 64 segments, brush = the short side) once cost 4096 image-sized
     fills (~25 s per 8192² item); once the shapes cover the image nothing more is drawn, and the output and the
