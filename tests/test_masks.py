@@ -686,6 +686,43 @@ def test_brush_is_the_width_fraction_of_the_short_side_and_at_least_one_pixel(mo
     assert thickness == [pixels] * 6
 
 
+def test_segment_ends_stay_inside_the_image_and_reach_every_border(monkeypatch):
+    ends: list[tuple[int, int]] = []
+    real = cv2.line
+    monkeypatch.setattr(masks.cv2, "line", lambda img, a, b, *r, **k: ends.append(b) or real(img, a, b, *r, **k))
+    seg = _object(40, 60)
+    masks.generate_mask(seg, "irregular", np.random.default_rng(1), dilation_scale=0.0, strokes=(8, 8),
+                        segments=(8, 8), length=(2.0, 2.0), width=(0.0, 0.0), shape_weights=(1.0, 0.0, 0.0))
+    xs, ys = zip(*ends)
+    assert len(ends) == 64
+    assert (min(xs), max(xs), min(ys), max(ys)) == (0, 59, 0, 39)  # segments twice the short side: clipped
+
+
+class _SegmentDraws(np.random.Generator):
+    """A generator that keeps the last per-segment draw (shape, angle, length, width) the scribble takes."""
+
+    def random(self, *args, **kwargs):
+        out = super().random(*args, **kwargs)
+        if np.shape(out) == (1, 4):
+            self.segment = out[0]
+        return out
+
+
+@pytest.mark.parametrize("boundary", ["line", "circle"])
+def test_segment_shape_is_the_first_whose_cumulative_share_is_above_the_draw(monkeypatch, boundary):
+    """P(line) = w_line / sum exactly (u < share, u ~ U[0, 1)): a draw equal to a cumulative share is the next shape."""
+    seg = _object(64, 64)
+    one = dict(dilation_scale=0.0, strokes=(1, 1), segments=(1, 1))
+    recorder = _SegmentDraws(np.random.PCG64(3))
+    masks.generate_mask(seg, "irregular", recorder, **one)
+    u = float(recorder.segment[0])
+    weights = (u, 1.0 - u, 0.0) if boundary == "line" else (0.0, u, 1.0 - u)
+    assert sum(weights) == 1.0  # so the cumulative share is u itself
+    calls = _counting_draws(monkeypatch)
+    masks.generate_mask(seg, "irregular", _SegmentDraws(np.random.PCG64(3)), shape_weights=weights, **one)
+    assert calls == (["circle"] if boundary == "line" else ["fillConvexPoly"])
+
+
 def test_full_coverage_is_looked_at_once_per_image_area_drawn(monkeypatch):
     """The look costs a pass over the image, so it comes only after shapes adding up to the image's area."""
     looks: list[int] = []
