@@ -740,6 +740,23 @@ def test_full_coverage_is_looked_at_once_per_image_area_drawn(monkeypatch):
     assert len(looks) == 1  # a default scribble covers far less than the image: never looked at
 
 
+@pytest.mark.parametrize("weights, per_op", [((1.0, 0.0, 0.0), (25 + 10) * 10), ((0.0, 1.0, 0.0), np.pi * 10 * 10),
+                                             ((0.0, 0.0, 1.0), 4 * 10 * 10)])
+def test_each_shape_counts_its_own_area_towards_the_next_look(monkeypatch, weights, per_op):
+    """A line counts (length + width) x width, a disc pi width², a square (side 2 width) 4 width²: the look at full
+    coverage comes with the op that brings the sum to the image's area, not one op earlier or later."""
+    looks: list[int] = []
+    real = cv2.countNonZero
+    monkeypatch.setattr(masks.cv2, "countNonZero", lambda m: looks.append(1) or real(m))
+    seg = _object(100, 100)
+    at = int(np.ceil(100 * 100 / per_op))
+    for ops, drawn_looks in ((at - 1, 0), (at, 1)):
+        looks.clear()
+        masks.generate_mask(seg, "irregular", np.random.default_rng(0), dilation_scale=0.0, strokes=(1, 1),
+                            segments=(ops, ops), length=(0.25, 0.25), width=(0.1, 0.1), shape_weights=weights)
+        assert len(looks) == 1 + drawn_looks
+
+
 def test_scribble_at_every_maximum_stops_drawing_once_the_mask_is_full(monkeypatch):
     """The node's largest values (64 drawings x 64 segments, brush = the short side) once cost 4096 image-sized
     fills (~25 s per 8192² item); once the shapes cover the image nothing more is drawn, and the output and the
