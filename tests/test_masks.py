@@ -523,6 +523,12 @@ EXACT_ERRORS = {
     "band iterations of 0": (ValueError, lambda: masks.IrregularMaskParams(
         dilation_bands=(_BAND(1.0, (0.01, 0.02), (0, 1)),)),
         "dilation_bands[0].iterations=(0, 1) needs 1 <= min <= max; swap or raise the values"),
+    "band kernel reversed": (ValueError, lambda: masks.IrregularMaskParams(
+        dilation_bands=(_BAND(1.0, (0.05, 0.01), (1, 1)),)),
+        "dilation_bands[0].kernel=(0.05, 0.01) needs 0.0 <= min <= max; swap or raise the values"),
+    "band iterations of floats": (ValueError, lambda: masks.IrregularMaskParams(
+        dilation_bands=(_BAND(0.5, (0.01, 0.02), (1, 1)), _BAND(1.0, (0.01, 0.02), (1.0, 2.0)))),
+        "dilation_bands[1].iterations=(1.0, 2.0) must be a (min, max) pair of finite integers"),
     "negative scale": (ValueError, lambda: masks.IrregularMaskParams(dilation_scale=-1.0),
                        "IrregularMaskParams.dilation_scale=-1.0 must be a finite number >= 0 (1.0 = default dilation, "
                        "0 = none)"),
@@ -754,6 +760,20 @@ def test_each_shape_counts_its_own_area_towards_the_next_look(monkeypatch, weigh
         looks.clear()
         masks.generate_mask(seg, "irregular", np.random.default_rng(0), dilation_scale=0.0, strokes=(1, 1),
                             segments=(ops, ops), length=(0.25, 0.25), width=(0.1, 0.1), shape_weights=weights)
+        assert len(looks) == 1 + drawn_looks
+
+
+def test_after_a_look_the_count_starts_again_from_zero(monkeypatch):
+    """Lines of 399.98 px on a 10 000 px image: 25 make 9999.5 (no look), the 26th brings the first look; the next
+    comes with the 52nd, not the 51st."""
+    looks: list[int] = []
+    real = cv2.countNonZero
+    monkeypatch.setattr(masks.cv2, "countNonZero", lambda m: looks.append(1) or real(m))
+    for ops, drawn_looks in ((25, 0), (26, 1), (51, 1), (52, 2)):
+        looks.clear()
+        masks.generate_mask(_object(100, 100), "irregular", np.random.default_rng(0), dilation_scale=0.0,
+                            strokes=(1, 1), segments=(ops, ops), length=(0.29998, 0.29998), width=(0.1, 0.1),
+                            shape_weights=(1.0, 0.0, 0.0))
         assert len(looks) == 1 + drawn_looks
 
 
