@@ -529,6 +529,17 @@ EXACT_ERRORS = {
     "band iterations of floats": (ValueError, lambda: masks.IrregularMaskParams(
         dilation_bands=(_BAND(0.5, (0.01, 0.02), (1, 1)), _BAND(1.0, (0.01, 0.02), (1.0, 2.0)))),
         "dilation_bands[1].iterations=(1.0, 2.0) must be a (min, max) pair of finite integers"),
+    "float segments": (ValueError, lambda: masks.IrregularMaskParams(segments=(1.0, 2.0)),
+                       "segments=(1.0, 2.0) must be a (min, max) pair of finite integers"),
+    "width reversed": (ValueError, lambda: masks.IrregularMaskParams(width=(0.1, 0.05)),
+                       "width=(0.1, 0.05) needs 0.0 <= min <= max; swap or raise the values"),
+    "strokes reversed": (ValueError, lambda: masks.IrregularMaskParams(strokes=(3, 1)),
+                         "strokes=(3, 1) needs 0 <= min <= max; swap or raise the values"),
+    "length reversed": (ValueError, lambda: masks.IrregularMaskParams(length=(0.3, 0.1)),
+                        "length=(0.3, 0.1) needs 0.0 <= min <= max; swap or raise the values"),
+    "infinite scale": (ValueError, lambda: masks.IrregularMaskParams(dilation_scale=float("inf")),
+                       "IrregularMaskParams.dilation_scale=inf must be a finite number >= 0 (1.0 = default dilation, "
+                       "0 = none)"),
     "negative scale": (ValueError, lambda: masks.IrregularMaskParams(dilation_scale=-1.0),
                        "IrregularMaskParams.dilation_scale=-1.0 must be a finite number >= 0 (1.0 = default dilation, "
                        "0 = none)"),
