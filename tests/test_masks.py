@@ -540,6 +540,16 @@ EXACT_ERRORS = {
     "infinite scale": (ValueError, lambda: masks.IrregularMaskParams(dilation_scale=float("inf")),
                        "IrregularMaskParams.dilation_scale=inf must be a finite number >= 0 (1.0 = default dilation, "
                        "0 = none)"),
+    "negative weight": (ValueError, lambda: masks.IrregularMaskParams(shape_weights=(1.0, -0.5, 1.0)),
+                        "IrregularMaskParams.shape_weights=(1.0, -0.5, 1.0) must be three finite weights >= 0 for "
+                        "(line, circle, square) with a positive sum, e.g. (0.6, 0.2, 0.2)"),
+    "infinite weight": (ValueError, lambda: masks.IrregularMaskParams(shape_weights=(float("inf"), 1.0, 1.0)),
+                        "IrregularMaskParams.shape_weights=(inf, 1.0, 1.0) must be three finite weights >= 0 for "
+                        "(line, circle, square) with a positive sum, e.g. (0.6, 0.2, 0.2)"),
+    "bool strokes": (ValueError, lambda: masks.IrregularMaskParams(strokes=(True, 3)),
+                     "strokes=(True, 3) must be a (min, max) pair of finite integers"),
+    "text strokes": (ValueError, lambda: masks.IrregularMaskParams(strokes=(1, "3")),
+                     "strokes=(1, '3') must be a (min, max) pair of finite integers"),
     "negative scale": (ValueError, lambda: masks.IrregularMaskParams(dilation_scale=-1.0),
                        "IrregularMaskParams.dilation_scale=-1.0 must be a finite number >= 0 (1.0 = default dilation, "
                        "0 = none)"),
