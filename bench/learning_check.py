@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.learning_task import (SETTINGS, PretrainSettings, evaluate_branch, held_out_samples,  # noqa: E402
-                                 prepare_base, train_setting, write_task_folder)
+from bench.learning_task import (SETTINGS, PretrainSettings, evaluate_branch, prepare_task,  # noqa: E402
+                                 train_setting)
 from bench.machine import device_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,10 +40,7 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     started = time.time()
     settings = PretrainSettings(seed=args.base_seed)
-    cache = Path(args.cache)
-    base_path = prepare_base(settings, cache)
-    data_dir = write_task_folder(cache / f"data-{settings.images}-{settings.seed}", settings.images, settings.seed)
-    samples = held_out_samples(args.samples, settings.seed)
+    base_path, data_dir, samples = prepare_task(settings, args.cache, args.samples)
     prepared = time.time() - started
     results: dict[str, dict[int, object]] = {name: {} for name in SETTINGS}
     images: dict[str, list[np.ndarray]] = {}

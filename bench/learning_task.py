@@ -104,6 +104,7 @@ __all__ = [
     "PretrainSettings",
     "task_vae",
     "prepare_base",
+    "prepare_task",
     "classify_hole_colour",
     "hole_colour_fraction",
     "hole_shape_correct",
@@ -408,6 +409,16 @@ def prepare_base(settings: PretrainSettings, cache_root: str | Path) -> Path:
     scratch.rename(target)
     logger.info("pretrained tiny base (VAE MSE %.5f, UNet loss %.4f) cached at %s", vae_mse, unet_loss, target)
     return target
+
+
+def prepare_task(settings: PretrainSettings, cache_root: str | Path,
+                 held_out: int) -> tuple[Path, Path, list[TaskSample]]:
+    """Everything a run of the task needs before training: the cached base, the training folder of
+    ``settings.images`` scenes next to it, and ``held_out`` held-out samples (base path, data folder, samples)."""
+    base_path = prepare_base(settings, cache_root)
+    data_dir = write_task_folder(Path(cache_root) / f"data-{settings.images}-{settings.seed}", settings.images,
+                                 settings.seed)
+    return base_path, data_dir, held_out_samples(held_out, settings.seed)
 
 
 # ------------------------------------------------------------------------------------------------------ metrics

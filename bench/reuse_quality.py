@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.learning_task import (SETTINGS, PretrainSettings, evaluate_branch, held_out_samples,  # noqa: E402
-                                 prepare_base, train_setting, write_task_folder)
+                                 prepare_base, prepare_task, train_setting)
 from bench.machine import device_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,10 +103,7 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     started = time.time()
     settings = PretrainSettings(seed=args.base_seed)
-    cache = Path(args.cache)
-    base_path = prepare_base(settings, cache)
-    data_dir = write_task_folder(cache / f"data-{settings.images}-{settings.seed}", settings.images, settings.seed)
-    samples = held_out_samples(args.samples, settings.seed)
+    base_path, data_dir, samples = prepare_task(settings, args.cache, args.samples)
     prepared = time.time() - started
     with tempfile.TemporaryDirectory() as scratch:
         branch = train_setting(SETTINGS["branch + ACP + ATAL"], base_path=base_path, data_dir=data_dir,

@@ -9,7 +9,7 @@ import pytest
 
 from bench.learning_task import (PretrainSettings, attention_mass, classify_hole_colour, evaluate_branch,
                                  held_out_samples, hole_colour_fraction, hole_shape_correct, preservation_mse,
-                                 prepare_base, task_scene, train_setting, write_task_folder)
+                                 prepare_task, task_scene, train_setting, write_task_folder)
 from harness import torch_threads
 from training.trainer.data import FolderDataset
 
@@ -60,9 +60,7 @@ def test_training_teaches_the_local_prompt_and_atal_moves_attention_into_the_hol
     from training.inference import load_base_model
 
     settings = PretrainSettings(unet_steps=200, images=256)
-    base_path = prepare_base(settings, CACHE)
-    data_dir = write_task_folder(CACHE / f"data-{settings.images}-{settings.seed}", settings.images, settings.seed)
-    samples = held_out_samples(32, settings.seed)
+    base_path, data_dir, samples = prepare_task(settings, CACHE, 32)
     base = load_base_model(base_path)
     with torch_threads(2):  # the thread count changes float reduction order: measured, and CI has, 2
         with torch.random.fork_rng(devices=[]):
