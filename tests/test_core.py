@@ -244,6 +244,17 @@ def test_normalize_mask_layouts_batches_and_threshold():
         normalize_mask(torch.full((8, 12), float("inf")), 8, 12, 1)
 
 
+def test_resize_mask_checks_values_unless_told_refuses_no_pixels_and_keeps_one():
+    from painternet_core.conditioning import resize_mask
+
+    with pytest.raises(ValueError, match="^mask contains NaN or infinite values; fix the node that produced it$"):
+        resize_mask(torch.full((4, 4), float("nan")), 4, 4, 1)
+    with pytest.raises(ValueError, match=r"^mask has shape \(0, 1, 4, 4\) \(no pixels\); connect a mask drawn on the "
+                                         r"image$"):
+        resize_mask(torch.zeros(0, 4, 4), 4, 4, 1)
+    assert torch.equal(resize_mask(torch.full((1, 1), 0.7), 1, 1, 1), torch.full((1, 1, 1, 1), 0.7))
+
+
 @pytest.mark.parametrize("mask_hw,image_hw", [((8, 5), (5, 4)), ((5, 8), (4, 5)), ((5, 4), (8, 5)), ((4, 5), (5, 8)),
                                               ((12, 10), (6, 6))])
 def test_normalize_mask_resizes_within_one_largest_side_of_aspect_error(mask_hw, image_hw):
