@@ -463,12 +463,9 @@ def peak_bytes_sampling(mm: Any, model: Any, parts: dict[str, Any], args: argpar
         torch.cuda.reset_peak_memory_stats()
         sample_once(model, parts, args, 1)
         return int(torch.cuda.max_memory_allocated() - start)
-    import psutil
-
-    start = psutil.Process().memory_info().rss
     with PeakRSS() as rss:
         sample_once(model, parts, args, 1)
-    return int(rss.peak - start)
+    return int(rss.peak - rss.start)
 
 
 def event_timer_class() -> type:

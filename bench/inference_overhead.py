@@ -15,8 +15,11 @@ the steps whose sigma is above the 50 % point; the table shows on how many it ac
 hook on the branch). Wall time and process CPU time are both reported: on a shared machine the CPU-time ratios are
 the steadier ones.
 
-Memory: peak RSS of the process while each setting samples (sampled every 10 ms; it includes every resident weight,
-base and branch alike, since both stay loaded) on CPU; torch.cuda.max_memory_allocated per setting on CUDA.
+Memory: on CPU, the peak RSS while each setting samples above the RSS when it started (the kernel's high-water mark,
+reset per run; base and branch weights stay resident, so this is what sampling itself adds); with ``--exact-memory``
+freed tensors leave the RSS at once, which makes it the peak of the tensors live during the run. On CUDA,
+torch.cuda.max_memory_allocated per setting (weights included). "full - base" of either is the extra peak the branch
+costs, printed against the bytes of one branch call's residuals.
 
 Test weights are deterministic random, generated into .cache/test-models on first use (see harness/models.py).
 
@@ -29,7 +32,6 @@ import gc
 import os
 import statistics
 import sys
-import threading
 import time
 from typing import Any
 
@@ -58,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--topology", default="small", choices=["small", "full"],
                         help="small: the real-signature test UNets; full: the real SD1.5/SDXL UNet sizes, random "
                              "weights built in memory (SD1.5: ~3.4 GB base + ~3.6 GB branch in fp32)")
+    parser.add_argument("--exact-memory", action="store_true",
+                        help="CPU: serve every block >= 64 KiB by mmap so freed tensors leave the RSS, making the peak "
+                             "RSS per setting the tensors live in it (slower steps: take timings without it)")
     parser.add_argument("--reuse", nargs="*", default=[], choices=list(REUSE_SETTINGS),
                         help="also time these branch_reuse settings (full range)")
     args = parser.parse_args()
@@ -82,31 +87,32 @@ def setup_comfy(device: str) -> None:
 
 
 class PeakRSS:
-    """Peak resident set size of this process while the block runs (polled; psutil)."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(self.interval)
+    """Peak resident set size of this process while the block runs: the kernel's high-water mark (``VmHWM``), reset to
+    the current RSS on entry (``harness.memory``), so no short peak between polls is missed. ``start`` is the RSS on
+    entry. glibc keeps freed blocks below its mmap threshold in the heap, so unless ``--exact-memory`` lowered that
+    threshold a block freed and reused inside the block may not show; with it, every freed tensor leaves the RSS."""
 
     def __enter__(self) -> "PeakRSS":
-        self.peak = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
+        from harness.memory import reset_peak
+
+        self.start = reset_peak()
+        self.peak = self.start
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+        from harness.memory import status_bytes
+
+        self.peak = status_bytes("VmHWM")
+
+
+def exact_memory() -> None:
+    """Have glibc serve every block of 64 KiB or more by its own mmap (``mallopt(M_MMAP_THRESHOLD, 65536)``, which
+    also stops the threshold from adapting), so a freed tensor leaves the RSS at once and the RSS peak of a step is the
+    tensors live in it. Costs a page-fault pass per large allocation, so timings taken this way are slower."""
+    import ctypes
+
+    if ctypes.CDLL("libc.so.6").mallopt(-3, 65536) != 1:  # M_MMAP_THRESHOLD
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: --exact-memory needs glibc")
 
 
 def conditioning(family: str, size: int, gen: Any) -> list:
@@ -253,7 +259,7 @@ def measure(family: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             else:
                 with PeakRSS() as rss:
                     total = sample_once(parts["models"][name], parts, args, args.steps)
-                peaks[name] = max(peaks[name], rss.peak)
+                peaks[name] = max(peaks[name], rss.peak - rss.start)
             if timer.calls != args.steps:
                 raise RuntimeError(f"{timer.calls} UNet calls for {args.steps} steps: cond and uncond were split")
             wall[name].append(timer.wall / args.steps)
@@ -287,6 +293,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = mm.get_torch_device()
+    if args.exact_memory and device.type != "cuda":
+        exact_memory()
     name = device_name(device)
     print(f"PainterNet inference overhead: {device} ({name}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, os.cpu_count {os.cpu_count()}, load average at start "
@@ -294,12 +302,13 @@ def main() -> None:
     print(f"{args.size}x{args.size} px image ({args.size // 8}x{args.size // 8} latent), batch 1, {args.steps} steps "
           f"{args.sampler}/{args.scheduler}, cfg {args.cfg} (cond+uncond in one call per step), {args.repeats} "
           f"interleaved repeats after a 1-step warm-up; base fp32, branch {args.branch_dtype}; topology "
-          f"{args.topology}; branch_reuse settings timed: {', '.join(args.reuse) or 'none'}")
+          f"{args.topology}; branch_reuse settings timed: {', '.join(args.reuse) or 'none'}"
+          + ("; glibc mmap threshold 64 KiB (--exact-memory)" if args.exact_memory and device.type != "cuda" else ""))
     rows = []
     t0 = time.perf_counter()
     for family in args.families:
         rows += measure(family, args)
-    mem = "CUDA peak" if device.type == "cuda" else "peak RSS"
+    mem = "CUDA peak" if device.type == "cuda" else "peak RSS+"
     print()
     print("s/step: wall seconds per step inside the UNet forward (branch included), median over the repeats (min-max);"
           " cpu s/step: the same in process CPU seconds (all threads), steadier on a shared machine; per run: the rest"
@@ -315,19 +324,26 @@ def main() -> None:
     print()
     for family in args.families:
         got = {x["setting"]: x for x in rows if x["family"] == family}
-        frac = got["end=0.5"]["branch_calls"] / args.steps
         res = got["full"]["residual_bytes"]
         extra = got["full"]["peak"] - got["base"]["peak"]
-        print(f"{family}: one branch call's residuals (all control points + ACP, cond+uncond rows) "
-              f"{res / 2**20:.1f} MiB; peak {mem} full - base {extra / 2**20:.1f} MiB = {extra / max(res, 1):.2f}x "
-              "the residual bytes (residuals are kept unscaled and added with the scale folded in, so the branch's "
-              "own forward transients and the held residuals are all it adds)")
+        if device.type == "cuda" or args.exact_memory:
+            print(f"{family}: one branch call's residuals (all control points + ACP, cond+uncond rows) "
+                  f"{res / 2**20:.1f} MiB; {mem} full - base {extra / 2**20:.1f} MiB = {extra / max(res, 1):.2f}x "
+                  "the residual bytes (residuals are kept unscaled and added with the scale folded in, so the "
+                  "branch's own forward transients and the held residuals are all it adds)")
+        else:
+            print(f"{family}: one branch call's residuals {res / 2**20:.1f} MiB; the extra peak is not measured "
+                  "without --exact-memory (glibc reuses freed heap blocks without a trace in the RSS)")
         print(f"{family}: base UNet {got['base']['base_params'] / 1e6:.0f} M params, branch "
-              f"{got['base']['branch_params'] / 1e6:.0f} M ({got['base']['branch_dtype']}); end=0.5 ran the branch on "
-              f"{got['end=0.5']['branch_calls']}/{args.steps} steps, so from the full-range cost it should be "
-              f"{1 + (got['full']['ratio'] - 1) * frac:.2f}x wall / "
-              f"{1 + (got['full']['cpu_ratio'] - 1) * frac:.2f}x cpu; measured {got['end=0.5']['ratio']:.2f}x / "
-              f"{got['end=0.5']['cpu_ratio']:.2f}x")
+              f"{got['base']['branch_params'] / 1e6:.0f} M ({got['base']['branch_dtype']})")
+        for name, r in got.items():
+            if name in ("base", "full"):
+                continue
+            frac = r["branch_calls"] / args.steps
+            print(f"{family}: {name} ran the branch on {r['branch_calls']}/{args.steps} steps, so from the full-range "
+                  f"cost it should be {1 + (got['full']['ratio'] - 1) * frac:.2f}x wall / "
+                  f"{1 + (got['full']['cpu_ratio'] - 1) * frac:.2f}x cpu; measured {r['ratio']:.2f}x / "
+                  f"{r['cpu_ratio']:.2f}x")
     if device.type != "cuda":
         import resource
 
