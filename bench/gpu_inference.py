@@ -14,10 +14,14 @@ the branch through the pack's own `build_branch` (what PainterNetLoader calls), 
 2. low VRAM: the same prediction after a forced partial load of base and branch (on CUDA through ComfyUI's reserved
    VRAM, what `--reserve-vram` sets; on CPU through `ModelPatcher.partially_load`, what a low-VRAM load calls) against
    the full load, within the dtype's tolerance;
-3. memory: peak allocated bytes while sampling, patched minus base, over the branch's weight bytes;
+3. memory: peak allocated bytes while sampling, patched minus base, over the branch's weight bytes (a 1-step sample
+   from an empty device); and the extra peak of a step with both models already loaded, patched minus base, over the
+   bytes of one branch call's residuals (the goal of issue 23: <= 1.1x); fp8 storage: the branch's resident bytes
+   over fp16's, and its parity against fp32 (reported, not judged);
 4. speed: seconds per sampling step inside the UNet forward (CUDA events), cfg > 1 so cond and uncond run, batch 1,
-   for base, full range, end_percent=0.5 and scale=0, warmed up, interleaved, median of the repeats; the FLOP bound
-   (base + branch FLOPs over base FLOPs, counted by torch's FlopCounterMode: a full UNet copy makes it ~2.00x);
+   for base, full range, end_percent=0.5, scale=0 and the branch_reuse choices every_2 / every_3 / adaptive, warmed
+   up, interleaved, median of the repeats; the FLOP bound (base + branch FLOPs over base FLOPs, counted by torch's
+   FlopCounterMode: a full UNet copy makes it ~2.00x, scaled by the steps the branch ran);
 5. the attention backend ComfyUI picked.
 
 `--dry-run` runs the same code on CPU with the tests' tiny topologies (painternet_core.config.TINY_*) in seconds; the
@@ -54,17 +58,22 @@ from machine import device_name
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "ComfyUI-PainterNet"
 
-# (name, base weight dtype, branch weight dtype); fp32 first: it is the reference of the others.
+# (name, base weight dtype, branch weight dtype); fp32 first: it is the reference of the others. "fp8" stores the
+# branch in fp8_e4m3fn (PainterNetLoader's fp8 option), computed in the fp16 base's dtype through manual cast.
 DTYPE_CONFIGS = (("fp32", "fp32", "fp32"), ("fp16", "fp16", "fp16"), ("bf16", "bf16", "bf16"),
-                 ("mixed", "fp16", "bf16"))
+                 ("mixed", "fp16", "bf16"), ("fp8", "fp16", "fp8_e4m3fn"))
 # Pass criteria, chosen before measuring (not measured): max |out - ref| / max |ref| of the noise prediction against
 # fp32 (or twice the unpatched base's own error, whichever is larger: see check_row), and of a partial load against
 # the full load in the same dtype. fp16 keeps 11 mantissa bits, bf16 8, and the
 # error grows through ~50 (SD1.5) to ~150 (SDXL) layers; the diffusers reference must match the ComfyUI branch to 1e-4.
-TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 1e-1, "mixed": 1e-1}
+# fp8 weights keep 3 mantissa bits: its parity is reported, not judged (no criterion was set before a measurement).
+TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 1e-1, "mixed": 1e-1, "fp8": None}
 REFERENCE_TOLERANCE = 1e-4
-# Speed settings: (name, None for the bare base or (scale, start_percent, end_percent)).
-SPEED_SETTINGS = (("base", None), ("full", (1.0, 0.0, 1.0)), ("end=0.5", (1.0, 0.0, 0.5)), ("scale=0", (0.0, 0.0, 1.0)))
+# Speed settings: (name, None for the bare base or (scale, start_percent, end_percent, PainterNetApply's
+# branch_reuse choice)).
+SPEED_SETTINGS = (("base", None), ("full", (1.0, 0.0, 1.0, "off")), ("end=0.5", (1.0, 0.0, 0.5, "off")),
+                  ("scale=0", (0.0, 0.0, 1.0, "off")), ("every_2", (1.0, 0.0, 1.0, "every_2")),
+                  ("every_3", (1.0, 0.0, 1.0, "every_3")), ("adaptive", (1.0, 0.0, 1.0, "adaptive")))
 CONTROL_GAIN = 0.1  # control points and ACP: small random weights, so the branch acts without swamping the base
 
 
@@ -450,22 +459,27 @@ def diffusers_reference(family: str, unet: dict[str, Any], base_sd: dict[str, An
 
 # ------------------------------------------------------------------------------------------------------ memory/speed
 
-def peak_bytes_sampling(mm: Any, model: Any, parts: dict[str, Any], args: argparse.Namespace) -> int:
-    """Peak memory of one 1-step sample from an empty device: CUDA max_memory_allocated over the allocation before
-    loading; CPU peak RSS over the RSS before (weights stay resident in RAM either way there)."""
+def peak_bytes_sampling(mm: Any, model: Any, parts: dict[str, Any], args: argparse.Namespace) -> tuple[int, int]:
+    """(load, step): the peak memory of a 1-step sample from an empty device, and of a second 1-step sample with the
+    models left loaded (what one step adds to the resident weights). CUDA max_memory_allocated over the allocation
+    before; CPU peak RSS over the RSS before (weights stay resident in RAM either way there)."""
     import torch
 
     from inference_overhead import PeakRSS, sample_once
 
     unload_all(mm)
-    if args.device == "cuda":
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        sample_once(model, parts, args, 1)
-        return int(torch.cuda.max_memory_allocated() - start)
-    with PeakRSS() as rss:
-        sample_once(model, parts, args, 1)
-    return int(rss.peak - rss.start)
+    peaks = []
+    for _ in range(2):
+        if args.device == "cuda":
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            sample_once(model, parts, args, 1)
+            peaks.append(int(torch.cuda.max_memory_allocated() - start))
+        else:
+            with PeakRSS() as rss:
+                sample_once(model, parts, args, 1)
+            peaks.append(int(rss.peak - rss.start))
+    return peaks[0], peaks[1]
 
 
 def event_timer_class() -> type:
@@ -538,7 +552,9 @@ def measure_speed(mm: Any, base: Any, painternet: Any, inputs: dict[str, Any], a
     from inference_overhead import sample_once
 
     apply = pack_module("nodes.injection").apply_painternet
-    models = {name: base if setting is None else apply(base, painternet, inputs["condition"], *setting)
+    rule = pack_module("nodes.painternet_nodes").branch_reuse_rule
+    models = {name: base if setting is None else apply(base, painternet, inputs["condition"], *setting[:3],
+                                                       reuse=rule(setting[3]))
               for name, setting in SPEED_SETTINGS}
     calls = [0]
     hook = painternet.patcher.model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -646,10 +662,18 @@ def run_family(mm: Any, family: str, unet: dict[str, Any], size: int, args: argp
             row["lowvram"] = {"loaded": partial, **compare(predict_noise(patched, inputs), eps)}
             release_partial(mm, patched)
         parts = {"latent": inputs["latent"], "positive": inputs["positive"], "negative": inputs["negative"]}
-        peak_base = peak_bytes_sampling(mm, base, parts, args)
-        peak_patched = peak_bytes_sampling(mm, patched, parts, args)
+        peak_base, step_base = peak_bytes_sampling(mm, base, parts, args)
+        residual_bytes = [0]
+        hook = painternet.patcher.model.register_forward_hook(
+            lambda _m, _i, out: residual_bytes.__setitem__(0, sum(
+                t.numel() * t.element_size() for t in (*out["down"], out["mid"], *out["up"],
+                                                       *out["attention"].values()))))
+        peak_patched, step_patched = peak_bytes_sampling(mm, patched, parts, args)
+        hook.remove()
         row["memory"] = {"base_peak": peak_base, "patched_peak": peak_patched,
-                         "ratio": (peak_patched - peak_base) / row["branch_weight_bytes"]}
+                         "ratio": (peak_patched - peak_base) / row["branch_weight_bytes"],
+                         "base_step": step_base, "patched_step": step_patched, "residual_bytes": residual_bytes[0],
+                         "step_ratio": (step_patched - step_base) / max(residual_bytes[0], 1)}
         check_row(family, name, row, failures)
         if name == args.speed_dtype:
             unload_all(mm)
@@ -673,15 +697,16 @@ def check_row(family: str, name: str, row: dict[str, Any], failures: list[str]) 
     tol = TOLERANCE[name]
     # The pack must not make the prediction worse than ComfyUI's own rounding of the base makes it: random full-size
     # weights may amplify rounding more than trained ones, so twice the base's own error also passes.
-    allowed = max(tol, 2 * row["base_parity"]["rel_max"])
     if not row["parity"]["finite"]:
         failures.append(f"{family} {name}: NaN/Inf in the patched output")
-    elif name != "fp32" and row["parity"]["rel_max"] > allowed:
+    elif tol is not None and name != "fp32" and row["parity"]["rel_max"] > max(tol, 2 * row["base_parity"]["rel_max"]):
         failures.append(f"{family} {name}: {row['parity']['rel_max']:.2e} from fp32, over the {tol:.0e} criterion "
                         f"and twice the base alone ({row['base_parity']['rel_max']:.2e})")
     low = row["lowvram"]
-    if not low["finite"] or low["rel_max"] > tol:
-        failures.append(f"{family} {name}: partial load differs from full load by {low['rel_max']:.2e} (> {tol:.0e})")
+    low_tol = TOLERANCE["fp16"] if tol is None else tol
+    if not low["finite"] or low["rel_max"] > low_tol:
+        failures.append(f"{family} {name}: partial load differs from full load by {low['rel_max']:.2e} "
+                        f"(> {low_tol:.0e})")
     for m in low["loaded"]:
         if m["loaded_bytes"] >= m["bytes"]:
             failures.append(f"{family} {name}: {m['model']} was fully loaded, the low-VRAM load was not forced")
@@ -706,7 +731,7 @@ def log_family(family: str, result: dict[str, Any], args: argparse.Namespace, lo
             f"{row['branch_weights'] + '/' + row['branch_compute']:<17} {row['parity']['rel_max']:>9.2e} "
             f"{row['parity']['rel_l2']:>9.2e} {str(row['parity']['finite']):>6} "
             f"{row['base_parity']['rel_max']:>9.2e} {low['rel_max']:>9.2e} "
-            f"{loaded:>19} {TOLERANCE[name]:>6.0e}")
+            f"{loaded:>19} {'report' if TOLERANCE[name] is None else format(TOLERANCE[name], '.0e'):>6}")
     fp32 = result["dtypes"]["fp32"]
     log(f"branch effect in fp32 (patched vs base): {fp32['branch_effect']:.2e}")
     ref = fp32.get("reference", {})
@@ -722,6 +747,17 @@ def log_family(family: str, result: dict[str, Any], args: argparse.Namespace, lo
         m = row["memory"]
         log(f"  {name:<6} base {m['base_peak'] / mib:>9.1f} MiB  patched {m['patched_peak'] / mib:>9.1f} MiB  "
             f"branch weights {row['branch_weight_bytes'] / mib:>9.1f} MiB  ratio {m['ratio']:.2f}")
+    log("memory, 1-step sample with the models already loaded: (patched - base) / one branch call's residual bytes "
+        "(all control points + ACP, cond and uncond rows); goal <= 1.1")
+    for name, row in result["dtypes"].items():
+        m = row["memory"]
+        log(f"  {name:<6} base {m['base_step'] / mib:>9.1f} MiB  patched {m['patched_step'] / mib:>9.1f} MiB  "
+            f"residuals {m['residual_bytes'] / mib:>9.1f} MiB  ratio {m['step_ratio']:.2f}")
+    rows = result["dtypes"]
+    log(f"fp8 storage: branch weights fp8_e4m3fn {rows['fp8']['branch_weight_bytes'] / mib:.1f} MiB / fp16 "
+        f"{rows['fp16']['branch_weight_bytes'] / mib:.1f} MiB = "
+        f"{rows['fp8']['branch_weight_bytes'] / rows['fp16']['branch_weight_bytes']:.3f}; noise prediction vs fp32 "
+        f"{rows['fp8']['parity']['rel_max']:.2e} (fp16 {rows['fp16']['parity']['rel_max']:.2e})")
     flops, speed = result["flops"], result["speed"]
     log(f"speed ({result['speed_dtype']}), s/step inside the UNet forward (branch included), median of {args.repeats} "
         f"interleaved runs of {args.steps} steps (min-max), cfg {args.cfg}, batch 1; FLOPs per call base "

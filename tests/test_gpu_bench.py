@@ -49,12 +49,14 @@ def test_dry_run_log_has_every_section(dry_run):
     text, _ = dry_run
     for line in ("attention backend picked by ComfyUI: ", "== sd15: ", "== sdxl: ", "dtype parity: ",
                  "diffusers reference vs ComfyUI branch, fp32, TF32 off: ", "memory, 1-step sample",
-                 "speed (fp16), s/step", "checks: all passed"):
+                 "memory, 1-step sample with the models already loaded", "fp8 storage: ", "speed (fp16), s/step",
+                 "checks: all passed"):
         assert line in text, line
     for family, found in (("sd15", "SD15"), ("sdxl", "SDXL")):
         block = text.split(f"== {family}: ")[1].split("\n\n")[0]
         assert f"ComfyUI's checkpoint detection: {found} (full-size layout" in block
-        for row in ("fp32 ", "fp16 ", "bf16 ", "mixed ", "base ", "full ", "end=0.5 ", "scale=0 "):
+        for row in ("fp32 ", "fp16 ", "bf16 ", "mixed ", "fp8 ", "base ", "full ", "end=0.5 ", "scale=0 ", "every_2 ",
+                    "every_3 ", "adaptive "):
             assert f"\n{row}" in block or f"\n  {row}" in block, (family, row)
 
 
@@ -64,7 +66,7 @@ def test_dry_run_parity_is_finite_and_small(dry_run, family):
     assert results["failures"] == []
     got = results["families"][family]
     rows = got["dtypes"]
-    assert set(rows) == {"fp32", "fp16", "bf16", "mixed"}
+    assert set(rows) == {"fp32", "fp16", "bf16", "mixed", "fp8"}
     assert rows["mixed"]["base_weights"] == "fp16" and rows["mixed"]["branch_weights"] == "bf16"
     assert rows["fp32"]["branch_effect"] > 1e-2  # the random branch really changes the prediction
     for name, limit in (("fp32", 0.0), ("fp16", 3e-2), ("bf16", 1e-1), ("mixed", 1e-1)):
@@ -76,6 +78,13 @@ def test_dry_run_parity_is_finite_and_small(dry_run, family):
         assert len(low["loaded"]) == 2  # base and branch, both only partly loaded
         assert all(0 < m["loaded_bytes"] < m["bytes"] for m in low["loaded"]), low["loaded"]
     assert rows["fp16"]["parity"]["rel_max"] > 0  # fp16 weights really were rounded
+    # fp8 storage: one byte per weight, half of fp16, and coarser than fp16 but still the same prediction's shape
+    assert rows["fp8"]["branch_weights"] == "fp8_e4m3fn"
+    assert rows["fp8"]["branch_weight_bytes"] * 2 == rows["fp16"]["branch_weight_bytes"]
+    fp8 = rows["fp8"]["parity"]
+    assert fp8["finite"] and rows["fp16"]["parity"]["rel_max"] < fp8["rel_max"] < 0.5, fp8
+    # one branch call's residuals were counted: the step memory ratio has a denominator
+    assert all(row["memory"]["residual_bytes"] > 0 for row in rows.values())
     ref = rows["fp32"]["reference"]
     assert ref["residuals"] == {"sd15": 12 + 1 + 15 + 16, "sdxl": 9 + 1 + 11 + 70}[family]
     assert ref["residual_rel_max"] <= 1e-4 and ref["output"]["rel_max"] <= 1e-4
@@ -87,7 +96,10 @@ def test_dry_run_speed_counts_branch_calls(dry_run, family):
     got = results["families"][family]
     steps = 2
     calls = {name: row["branch_calls"] for name, row in got["speed"].items()}
-    assert calls == {"base": 0, "full": steps, "end=0.5": 1, "scale=0": 0}
+    # every_2 and every_3 run the branch on the first of their steps only; adaptive also when the input moved more
+    # than its threshold, which two steps of a random latent do
+    assert calls == {"base": 0, "full": steps, "end=0.5": 1, "scale=0": 0, "every_2": 1, "every_3": 1,
+                     "adaptive": steps}
     assert all(row["s_step"] > 0 for row in got["speed"].values())
     assert 1.9 < got["flops"]["full_bound"] < 2.1  # a full UNet copy doubles the FLOPs
 
