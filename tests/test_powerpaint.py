@@ -102,8 +102,10 @@ def world(tmp_path_factory):
         (root / "text_encoders").mkdir()
         save_file({k: v.contiguous() for k, v in w.encoder.state_dict().items() if not k.endswith("position_ids")},
                   str(root / "text_encoders" / "pp_test_text_encoder.safetensors"))
-        folder_paths.add_model_folder_path("inpaint", str(root / "inpaint"))
-        folder_paths.add_model_folder_path("text_encoders", str(root / "text_encoders"))
+        # First in the search order: a process that ran these tests before (mutmut runs pytest several times in one
+        # process) still lists its own folder with files of the same names, whose cached embeddings would be reused.
+        folder_paths.add_model_folder_path("inpaint", str(root / "inpaint"), is_default=True)
+        folder_paths.add_model_folder_path("text_encoders", str(root / "text_encoders"), is_default=True)
         nodes = load_pack()
         (w.painternet,) = nodes["PainterNetLoader"].execute("pp_test_brushnet.safetensors", "fp32")
         w.nodes = nodes
