@@ -37,6 +37,8 @@ def main() -> None:
     mm = gi.setup_comfy(args.comfyui, "cpu")
     import torch
 
+    from harness.comfy_helpers import residual_tensors
+
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     unet = gi.family_topologies(False)["sd15"]
@@ -61,9 +63,6 @@ def main() -> None:
         gi.unload_all(mm)
         return nbytes, residuals, eps
 
-    def flat(out: dict) -> list[torch.Tensor]:
-        return [r.float() for r in (*out["down"], out["mid"], *out["up"], *out["attention"].values())]
-
     ref_bytes, ref, ref_eps = run("fp32")
     gi.load_full(base, inputs)
     base_eps = gi.predict_noise(base, inputs)
@@ -72,7 +71,8 @@ def main() -> None:
     rows = {}
     for dtype in STORAGE:
         nbytes, got, eps = run(dtype)
-        worst = max(float((b - a).norm() / a.norm()) for a, b in zip(flat(ref), flat(got)))
+        worst = max(float((b.float() - a).norm() / a.norm())
+                    for a, b in zip(residual_tensors(ref), residual_tensors(got)))
         rows[dtype] = (nbytes, worst, gi.compare(eps, ref_eps))
 
     load = os.getloadavg()

@@ -600,6 +600,8 @@ def run_family(mm: Any, family: str, unet: dict[str, Any], size: int, args: argp
                failures: list[str]) -> dict[str, Any]:
     import torch
 
+    from harness.comfy_helpers import residual_tensors
+
     device = mm.get_torch_device()
     t0 = time.perf_counter()
     base_sd = random_base_state_dict(family, unet, device, args.seed + 10)
@@ -664,10 +666,8 @@ def run_family(mm: Any, family: str, unet: dict[str, Any], size: int, args: argp
         parts = {"latent": inputs["latent"], "positive": inputs["positive"], "negative": inputs["negative"]}
         peak_base, step_base = peak_bytes_sampling(mm, base, parts, args)
         residual_bytes = [0]
-        hook = painternet.patcher.model.register_forward_hook(
-            lambda _m, _i, out: residual_bytes.__setitem__(0, sum(
-                t.numel() * t.element_size() for t in (*out["down"], out["mid"], *out["up"],
-                                                       *out["attention"].values()))))
+        hook = painternet.patcher.model.register_forward_hook(lambda _m, _i, out: residual_bytes.__setitem__(
+            0, sum(t.numel() * t.element_size() for t in residual_tensors(out))))
         peak_patched, step_patched = peak_bytes_sampling(mm, patched, parts, args)
         hook.remove()
         row["memory"] = {"base_peak": peak_base, "patched_peak": peak_patched,

@@ -130,7 +130,7 @@ def build(family: str, args: argparse.Namespace) -> dict[str, Any]:
     import comfy.supported_models as sm
     import torch
 
-    from harness.comfy_helpers import pack_module
+    from harness.comfy_helpers import pack_module, residual_tensors
     from harness.models import SD15_SMALL_UNET, SDXL_SMALL_UNET, branch_file, comfy_model
 
     branch_mod = pack_module("nodes.branch")
@@ -167,8 +167,7 @@ def build(family: str, args: argparse.Namespace) -> dict[str, Any]:
 
     def count(module: Any, inputs: Any, out: dict[str, Any]) -> None:
         calls[0] += 1
-        tensors = out["down"] + [out["mid"]] + out["up"] + list(out["attention"].values())
-        residual_bytes[0] = sum(t.numel() * t.element_size() for t in tensors)
+        residual_bytes[0] = sum(t.numel() * t.element_size() for t in residual_tensors(out))
 
     painternet.patcher.model.register_forward_hook(count)
     return {

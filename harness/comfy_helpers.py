@@ -46,6 +46,12 @@ def pack_module(name: str) -> Any:
     return importlib.import_module(f"{pack_module_name()}.{name}")
 
 
+def residual_tensors(out: dict[str, Any]) -> list[torch.Tensor]:
+    """Every tensor one branch call hands the UNet (nodes/branch.py's output): what a sampling step must hold at once
+    on top of the base model, so the benches measure memory and fp8 error against exactly these."""
+    return [*out["down"], out["mid"], *out["up"], *out["attention"].values()]
+
+
 def comfy_model_config(family: str, unet_config: dict[str, Any]) -> Any:
     import comfy.supported_models as sm
 
