@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from painternet_core.checkpoint import WEIGHT_DTYPES, _read_tensors, read_header
+from painternet_core.checkpoint import WEIGHT_DTYPES, read_header, read_tensors
 from painternet_core.errors import quote
 from painternet_core.powerpaint import PowerPaintTasks, inspect_text_encoder, task_strings, task_token_ids
 
@@ -63,7 +63,7 @@ def _encode(path: str) -> PowerPaintTasks:
     model.embeddings.token_embedding = comfy.ops.manual_cast.Embedding(spec.vocab, spec.width, dtype=dtype,
                                                                        device="meta")
     cut = len(spec.prefix + "text_model.")
-    state = {k[cut:]: v.to(device, dtype) for k, v in _read_tensors(path, wanted).items()}
+    state = {k[cut:]: v.to(device, dtype) for k, v in read_tensors(path, wanted).items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{quote(name)} does not match a CLIP text encoder of its own sizes (missing "

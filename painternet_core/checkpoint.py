@@ -179,7 +179,8 @@ def _entry(path: str, name: str, info: Any) -> TensorEntry:
     return TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def _read_tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
+def read_tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a file `read_header` accepted; safetensors' own errors become one naming the file."""
     from safetensors import safe_open
 
     try:
@@ -195,13 +196,6 @@ def _check_path(path: str) -> None:
     safetensors file named `.bin` loads and a pickle named `.safetensors` is refused by its signature."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PainterNet checkpoint {quote(path)} does not exist; put it in models/painternet")
-
-
-def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read tensors and metadata, refusing pickle files and reporting corrupt ones clearly."""
-    _check_path(path)
-    header = read_header(path)
-    return _read_tensors(path, sorted(header.tensors)), header.metadata
 
 
 def save_branch(path: str, state_dict: Mapping[str, torch.Tensor], config: PainterNetConfig) -> None:
@@ -392,7 +386,7 @@ def load_branch(path: str, check_keys: bool = True,
     if expected_shapes is None and check_keys:
         expected_shapes = reference_shapes
     _, config, names = open_branch(path, expected_shapes)
-    raw = _read_tensors(path, sorted(names.values()))
+    raw = read_tensors(path, sorted(names.values()))
     tensors = {k: raw[f] for k, f in names.items()}
     for key in sorted(tensors):
         if not bool(torch.isfinite(tensors[key]).all()):
