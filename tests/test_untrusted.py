@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -114,6 +115,59 @@ def test_pickle_and_zip_are_refused_by_their_signatures_whatever_the_suffix(tmp_
     torch.save({"w": torch.zeros(2)}, tmp_path / f"old{suffix}", _use_new_zipfile_serialization=False)
     with pytest.raises(ValueError, match="is a pickle .*never loaded"):
         load_branch(str(tmp_path / f"old{suffix}"))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5, "zip"], ids=["pickle-2", "pickle-3", "pickle-4", "pickle-5", "zip"])
+def test_refused_pickle_or_zip_is_named_and_the_hint_converts_it(tmp_path, protocol):
+    """Every pickle protocol torch.save can write (2..5) and its zip are refused by signature with the whole message:
+    the file, what it is, and a command which, run in a trusted process with IN/OUT filled in, turns that very file
+    into a safetensors file of the same tensors (torch.save's default protocol 2 and its zip; torch's weights-only
+    unpickler cannot read the FRAME opcode of protocols 4 and 5, so for those only the message is checked)."""
+    path = str(tmp_path / "old.bin")
+    if protocol == "zip":
+        torch.save({"w": torch.arange(4.0)}, path)
+    else:
+        torch.save({"w": torch.arange(4.0)}, path, pickle_protocol=protocol, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError) as refused:
+        load_branch(path)
+    message = str(refused.value)
+    kind = "zip" if protocol == "zip" else "pickle"
+    prefix = (f"{quote(path)} is a {kind} (pickle/zip checkpoint), which is never loaded (it can run code); convert "
+              "it once in a trusted environment with: python -c \"")
+    assert message.startswith(prefix) and message.endswith('"'), message
+    if protocol in (4, 5):
+        return
+    out = str(tmp_path / "converted.safetensors")
+    exec(message[len(prefix):-1].replace("'IN'", repr(path)).replace("'OUT.safetensors'", repr(out)), {})
+    assert read_header(out).tensors["w"].shape == (4,)
+    assert torch.equal(checkpoint.read_tensors(out, ["w"])["w"], torch.arange(4.0))
+
+
+def test_an_empty_zip_is_refused_as_a_zip(tmp_path):
+    import zipfile
+
+    path = str(tmp_path / "empty.safetensors")
+    zipfile.ZipFile(path, "w").close()
+    with open(path, "rb") as fh:
+        assert fh.read(4) == b"PK\x05\x06"
+    with pytest.raises(ValueError, match=r"^" + re.escape(f"{quote(path)} is a zip (pickle/zip checkpoint), which is "
+                                                          "never loaded (it can run code); convert") + " .*\"$"):
+        load_branch(path)
+
+
+@pytest.mark.parametrize("head", [b"\x80\x06", b"\x80\x01", b"\x00\x03", b"\x41\x05", b"PK\x01\x02"])
+def test_bytes_that_only_resemble_a_pickle_or_zip_are_not_called_one(tmp_path, head):
+    """A protocol byte outside 2..5, a protocol byte without the PROTO opcode before it, or a zip record that does
+    not start a zip: the file is called corrupt, not a pickle or zip."""
+    data = head.ljust(32, b"\0")
+    path = str(tmp_path / "odd.safetensors")
+    with open(path, "wb") as fh:
+        fh.write(data)
+    (n,) = struct.unpack("<Q", data[:8])
+    expected = (f"{quote(path)} is not a valid safetensors file (header length {n} does not fit the file size 32); it "
+                "is corrupt or not safetensors: re-download or re-export it")
+    with pytest.raises(ValueError, match=r"^" + re.escape(expected) + "$"):
+        load_branch(path)
 
 
 def test_safetensors_is_recognised_by_its_content_whatever_the_suffix(tiny_branch, tmp_path):
@@ -285,7 +339,9 @@ def test_nan_or_inf_weights_are_refused(tiny_branch, tmp_path, value):
     state["layer_control_mid.weight"][0, 0] = value
     bad = str(tmp_path / "nan.safetensors")
     save_file(state, bad, metadata={"painternet_format": "1", "painternet_config": branch.config.to_json()})
-    with pytest.raises(ValueError, match="'layer_control_mid.weight' contains NaN or infinite values"):
+    expected = (f"{quote(bad)}: tensor 'layer_control_mid.weight' contains NaN or infinite values; the file is damaged "
+                "(or the training diverged): use another checkpoint")
+    with pytest.raises(ValueError, match=r"^" + re.escape(expected) + "$"):
         load_branch(bad)
 
 
