@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from painternet_core.branch import PainterNetBranch
-from painternet_core.checkpoint import load_branch, save_branch
+from painternet_core.checkpoint import load_branch, read_header, save_branch
 from painternet_core.conditioning import latent_mask, normalize_mask, prepare_condition
 from painternet_core.config import (SD15_UNET, SDXL_UNET, TINY_SD15_UNET, PainterNetConfig, control_layout)
 
@@ -119,6 +120,61 @@ def test_save_is_atomic_and_checks_completeness(branch_path, tmp_path):
         save_branch(str(target), {"conv_in.weight": torch.zeros(1)}, branch.config)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_save_names_how_many_keys_are_missing_and_the_first_three(branch_path, tmp_path):
+    _, branch = branch_path
+    state = branch.state_dict()
+    dropped = sorted(state)[:5]
+    partial = {k: v for k, v in state.items() if k not in dropped}
+    expected = f"state dict is missing 5 branch keys, e.g. {dropped[:3]}; save the full branch"
+    with pytest.raises(ValueError, match=r"^" + re.escape(expected) + "$"):
+        save_branch(str(tmp_path / "out.safetensors"), partial, branch.config)
+
+
+def test_save_writes_a_hidden_temp_file_beside_the_target(branch_path, tmp_path, monkeypatch):
+    """The temp file is in the target's folder, so `os.replace` is a rename on one filesystem (atomic), and is named
+    `.painternet-*.tmp`: hidden, with a suffix no model-folder listing offers, so a loader listing the folder while a
+    save runs never shows it. The folder is created when missing."""
+    import safetensors.torch
+
+    path, branch = branch_path
+    folder = tmp_path / "models" / "painternet"
+    real, seen = safetensors.torch.save_file, []
+
+    def spy(tensors, filename, metadata=None):
+        seen.append((filename, sorted(os.listdir(folder))))
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    save_branch(str(folder / "branch.safetensors"), branch.state_dict(), branch.config)
+    ((temp, listing),) = seen
+    assert os.path.dirname(temp) == str(folder)
+    assert re.fullmatch(r"\.painternet-[^./]+\.tmp", os.path.basename(temp)), temp
+    assert listing == [os.path.basename(temp)]
+    assert os.listdir(folder) == ["branch.safetensors"]
+    saved, reference = read_header(str(folder / "branch.safetensors")), read_header(path)
+    assert (saved.metadata, saved.tensors.keys()) == (reference.metadata, reference.tensors.keys())
+
+
+def test_a_failed_write_keeps_the_previous_file_removes_the_temp_and_raises_its_error(branch_path, tmp_path,
+                                                                                      monkeypatch):
+    import safetensors.torch
+
+    _, branch = branch_path
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"previous")
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_branch(str(target), branch.state_dict(), branch.config)
+    assert target.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["out.safetensors"]
 
 
 def test_normalize_mask_shapes_and_errors():
