@@ -101,3 +101,49 @@ def test_streamed_load_matches_the_in_memory_build(tmp_path):
     assert streamed.keys() == built.keys()
     assert all(torch.equal(streamed[k], built[k]) for k in built)
     assert not any(v.is_meta for v in streamed.values())
+
+
+def test_load_branch_checks_the_shapes_it_is_given_and_none_when_told(tmp_path):
+    """`expected_shapes` replaces the diffusers reference (the loader node passes ComfyUI's rebuild), and
+    `check_keys=False` without it skips the comparison, for a caller whose own strict load does it."""
+    from safetensors.torch import save_file
+
+    from painternet_core.checkpoint import load_branch
+
+    full = str(tmp_path / "full.safetensors")
+    config = _write(full, TINY_SD15_UNET)
+    reference = reference_shapes(config)
+    wider = dict(reference, **{"conv_in.bias": (reference["conv_in.bias"][0] + 1,)})
+    with pytest.raises(ValueError, match=r"has 1 tensors whose shape does not match .* 'conv_in.bias': file \[\d+\] "
+                                         r"vs config \[\d+\]"):
+        load_branch(full, expected_shapes=lambda c: wider)
+    assert load_branch(full, expected_shapes=lambda c: reference)[1] == config
+
+    state, _ = load_branch(full)
+    del state["conv_in.bias"]
+    partial = str(tmp_path / "partial.safetensors")
+    save_file(state, partial, metadata={"painternet_format": "1", "painternet_config": config.to_json()})
+    with pytest.raises(ValueError, match=r"1 missing keys \(e.g. \['conv_in.bias'\]\)"):
+        load_branch(partial)
+    loaded, _ = load_branch(partial, check_keys=False)
+    assert loaded.keys() == state.keys()
+
+
+def test_a_brushnet_load_logs_its_format_and_polarity_and_a_painternet_load_does_not(tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import save_file
+
+    from harness.models import brushnet_layout
+    from painternet_core.checkpoint import load_branch
+
+    config = PainterNetConfig(family="sd15", unet=TINY_SD15_UNET, cross_attention=False, attention_control=False)
+    brushnet = str(tmp_path / "brushnet.safetensors")
+    save_file(brushnet_layout({k: torch.zeros(s) for k, s in reference_shapes(config).items()}), brushnet)
+    ours = str(tmp_path / "ours.safetensors")
+    _write(ours, TINY_SD15_UNET)
+    with caplog.at_level(logging.INFO, logger="painternet"):
+        load_branch(brushnet)
+        load_branch(ours)
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("painternet")] == [
+        ("painternet", logging.INFO, f"loaded {brushnet} as a brushnet checkpoint (mask polarity: known pixels = 1)")]
