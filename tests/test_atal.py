@@ -16,9 +16,12 @@ from painternet_core.atal import (ATALAttnProcessor, ATALRecorder, actual_token_
 from training.trainer.presets import tiny_clip_tokenizer, tiny_sd15_components
 
 
-def explicit_token_mean(query: torch.Tensor, key: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """The definition, materialising the HW×L map: mean_{j∈S} softmax(QKᵀ/√d)[:, j], heads averaged."""
-    scores = query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5
+def explicit_token_mean(query: torch.Tensor, key: torch.Tensor, token_mask: torch.Tensor, scale: float | None = None,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition, materialising the HW×L map: mean_{j∈S} softmax(QKᵀ·scale + bias)[:, j], heads averaged."""
+    scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    if bias is not None:
+        scores = scores + bias
     probs = scores.softmax(dim=-1)  # (B, heads, HW, L)
     weights = token_mask.to(probs.dtype)
     weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1)
@@ -454,3 +457,69 @@ def test_loss_of_a_half_precision_mask_is_computed_in_fp32():
     for dtype in (torch.float16, torch.bfloat16):
         loss = atal_loss([torch.zeros(1, 1)], mask.to(dtype))
         assert loss.dtype == torch.float32 and loss.item() == pytest.approx(1 / 81, rel=1e-6)
+
+
+def test_token_mean_attention_uses_the_scale_and_mask_given_at_float64_precision():
+    """The map is the definition with the caller's scale and additive mask, to float64 precision: the token weights
+    are built in the key's dtype, so a float64 gradient check is not limited by fp32 weights."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 2, 6, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, 5, 8, generator=gen, dtype=torch.float64)
+    token_mask = torch.tensor([[False, True, True, True, False], [False, True, False, True, True]])
+    bias = torch.randn(2, 1, 6, 5, generator=gen, dtype=torch.float64) * 3
+    got = token_mean_attention(q, k, token_mask, scale=0.9, attn_mask=bias)
+    torch.testing.assert_close(got, explicit_token_mean(q, k, token_mask, scale=0.9, bias=bias), atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["bias", "per-query", "bf16"])
+def test_recorded_map_is_taken_under_the_attention_mask(case):
+    """A masked-out token gets no attention in the recorded map either, as in the main attention: for a (B, L)
+    bias, a per-query (B, HW, L) bias, and a bf16 model whose bf16 bias meets the recorder's fp32 map."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    attn = _tiny_attention().to(dtype)
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 20, 16, generator=gen).to(dtype)
+    context = torch.randn(2, 7, 12, generator=gen).to(dtype)
+    if case == "per-query":
+        keep = torch.rand(2, 20, 7, generator=gen) > 0.4
+        keep[..., 0] = True
+    else:
+        keep = torch.ones(2, 7, dtype=torch.bool)
+        keep[0, 2] = keep[1, 3:5] = False  # tokens inside S masked out
+    bias = ((~keep).float() * -10000.0).to(dtype)
+    reference = attn(hidden, encoder_hidden_states=context, attention_mask=bias)
+    assert isinstance(attn.processor, AttnProcessor2_0)
+    recorder = ATALRecorder()
+    attn.set_processor(ATALAttnProcessor(recorder, "blk.attn2"))
+    token_mask = torch.zeros(2, 7, dtype=torch.bool)
+    token_mask[:, 1:5] = True
+    with recorder.record(token_mask):
+        got = attn(hidden, encoder_hidden_states=context, attention_mask=bias)
+        heads_q = attn.to_q(hidden).view(2, 20, 2, 8).transpose(1, 2).float()
+        heads_k = attn.to_k(context).view(2, 7, 2, 8).transpose(1, 2).float()
+        expected = explicit_token_mean(heads_q, heads_k, token_mask,
+                                       bias=bias.float()[:, None] if bias.ndim == 3 else bias.float()[:, None, None])
+        assert recorder.maps["blk.attn2"].dtype == torch.float32
+        torch.testing.assert_close(recorder.maps["blk.attn2"], expected, atol=1e-6, rtol=0)
+        unmasked = explicit_token_mean(heads_q, heads_k, token_mask)
+        assert (recorder.maps["blk.attn2"] - unmasked).abs().max() > 1e-2
+    torch.testing.assert_close(got, reference, atol=0, rtol=0)
+
+
+def test_a_fresh_recorder_is_inactive_and_holds_no_maps():
+    recorder = ATALRecorder()
+    assert not recorder.active and recorder.token_mask is None
+    assert recorder.maps == {} and recorder.ordered_maps() == []
+
+
+def test_tokenize_requests_the_attention_mask_even_when_the_tokenizer_would_not_return_it(tmp_path):
+    """A tokenizer saved with ``model_input_names = ["input_ids"]`` returns no attention mask unless asked; S needs
+    it (the ids cannot tell SD1.5's EOT padding from the EOT), so the helper asks for it explicitly."""
+    tokenizer = tiny_clip_tokenizer(tmp_path, model_max_length=8)
+    tokenizer.model_input_names = ["input_ids"]
+    assert "attention_mask" not in tokenizer(["a red circle"], padding="max_length", max_length=8)
+    ids, mask = tokenize_with_token_mask(tokenizer, ["a red circle", ""])
+    assert ids.shape == mask.shape == (2, 8)
+    assert mask.tolist() == [[False, True, True, True, False, False, False, False], [False] * 8]
