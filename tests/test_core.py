@@ -12,7 +12,8 @@ import torch
 from painternet_core.branch import PainterNetBranch
 from painternet_core.checkpoint import load_branch, read_header, save_branch
 from painternet_core.conditioning import latent_mask, normalize_mask, prepare_condition
-from painternet_core.config import (SD15_UNET, SDXL_UNET, TINY_SD15_UNET, PainterNetConfig, control_layout)
+from painternet_core.config import (SD15_UNET, SDXL_UNET, TINY_SD15_UNET, TINY_SDXL_UNET, PainterNetConfig,
+                                    control_layout)
 
 
 @pytest.mark.parametrize("unet,counts", [(SD15_UNET, (12, 15, 16)), (SDXL_UNET, (9, 11, 70))], ids=["sd15", "sdxl"])
@@ -31,6 +32,83 @@ def test_config_json_round_trip_and_errors():
         PainterNetConfig(family="sdxl", unet=TINY_SD15_UNET)
     with pytest.raises(ValueError, match="needs cross_attention=True"):
         PainterNetConfig(family="sd15", unet=TINY_SD15_UNET, cross_attention=False)
+
+
+def test_config_from_a_diffusers_config_stores_lists_of_the_topology_and_the_base_in_channels():
+    """`UNet2DConditionModel.config` holds tuples and keys that do not fix the weights; the stored topology is the
+    JSON-safe topology subset with the base's 4 input channels, whatever the copied UNet had (an inpainting base: 9)."""
+    diffusers_config = {**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_SD15_UNET.items()},
+                        "in_channels": 9, "sample_size": 64, "_class_name": "UNet2DConditionModel"}
+    config = PainterNetConfig.from_unet_config(diffusers_config)
+    assert config.unet == dict(TINY_SD15_UNET, in_channels=4)
+    assert config.branch_unet_config["in_channels"] == 9
+    assert PainterNetConfig.from_json(config.to_json()) == config
+
+
+def test_config_json_is_sorted_so_one_config_has_one_text():
+    """Equal configs write the same metadata text, so exporting the same branch twice gives identical files."""
+    config = PainterNetConfig.from_unet_config(TINY_SD15_UNET, mask_resize="nearest")
+    text = config.to_json()
+    reordered = PainterNetConfig(**dict(reversed(list(json.loads(text).items())))
+                                 | {"unet": dict(reversed(list(config.unet.items())))})
+    assert reordered == config and reordered.to_json() == text
+    data = json.loads(text)
+    assert list(data) == sorted(data) and list(data["unet"]) == sorted(data["unet"])
+    assert PainterNetConfig.from_json(text).to_json() == text
+
+
+@pytest.mark.parametrize("addition, klass", [("image", None), (None, "timestep"), ("text_image", "projection")])
+def test_infer_family_refuses_other_conditioning_naming_both_fields(addition, klass):
+    """What the trainer's inference helper calls on a pipeline's UNet: only "text_time" (SDXL) or neither embedding
+    (SD1.5) is a family; anything else names both fields instead of guessing SD1.5."""
+    from painternet_core.config import infer_family
+
+    assert (infer_family(SD15_UNET), infer_family(SDXL_UNET)) == ("sd15", "sdxl")
+    with pytest.raises(ValueError, match=rf"^unsupported UNet: addition_embed_type={re.escape(repr(addition))}, "
+                                         rf"class_embed_type={re.escape(repr(klass))}; PainterNet supports SD1\.5- "
+                                         r"and SDXL-style UNets$"):
+        infer_family(dict(SD15_UNET, addition_embed_type=addition, class_embed_type=klass))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("family", "sd21", "family='sd21': expected 'sd15' or 'sdxl'"),
+    ("mask_polarity", "inverted", "mask_polarity='inverted': expected 'hole' or 'known'"),
+    ("mask_resize", "bilinear", "mask_resize='bilinear': expected 'nearest' or 'area'"),
+    ("cross_attention", 1, "cross_attention=1: expected true or false"),
+    ("attention_control", "yes", "attention_control='yes': expected true or false"),
+    ("masked_fill", 2.001, "painternet_config masked_fill=2.001 must be a finite number in [-1.0, 2.0]; the file is "
+                           "damaged"),
+    ("masked_fill", -1.001, "painternet_config masked_fill=-1.001 must be a finite number in [-1.0, 2.0]; the file "
+                            "is damaged"),
+    ("masked_fill", True, "painternet_config masked_fill=True must be a finite number in [-1.0, 2.0]; the file is "
+                          "damaged"),
+    ("masked_fill", float("inf"), "painternet_config masked_fill=inf must be a finite number in [-1.0, 2.0]; the "
+                                  "file is damaged"),
+    ("source_format", "ip-adapter", "source_format='ip-adapter': expected one of ['painternet', 'brushnet', "
+                                    "'powerpaint-ca']"),
+    ("unet", [1], "painternet_config unet must be an object, got [1]; the file is damaged"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
+def test_config_fields_are_refused_whole_naming_the_value_and_what_is_expected(field, value, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        PainterNetConfig(**{"family": "sd15", "unet": TINY_SD15_UNET, field: value})
+
+
+def test_config_accepts_the_bounds_a_read_only_unet_and_a_brushnet_branch():
+    from types import MappingProxyType
+
+    for fill in (-1.0, 2.0, 1):
+        assert PainterNetConfig(family="sd15", unet=TINY_SD15_UNET, masked_fill=fill).masked_fill == fill
+    assert PainterNetConfig(family="sd15", unet=MappingProxyType(TINY_SD15_UNET)).unet == TINY_SD15_UNET
+    brushnet = PainterNetConfig(family="sd15", unet=TINY_SD15_UNET, cross_attention=False, attention_control=False,
+                                source_format="brushnet")
+    assert brushnet.branch_unet_config["mid_block_type"] == "UNetMidBlock2D"
+    with pytest.raises(ValueError, match=r"^attention_control=True needs cross_attention=True: ACP reads the branch's "
+                                         r"attn2 outputs$"):
+        PainterNetConfig(family="sd15", unet=TINY_SD15_UNET, cross_attention=False)
+    with pytest.raises(ValueError, match=r"^family='sdxl' does not match the UNet topology \('sd15'\)$"):
+        PainterNetConfig(family="sdxl", unet=TINY_SD15_UNET)
+    with pytest.raises(ValueError, match=r"^family='sd15' does not match the UNet topology \('sdxl'\)$"):
+        PainterNetConfig(family="sd15", unet=TINY_SDXL_UNET)
 
 
 @pytest.fixture(scope="module")

@@ -278,6 +278,23 @@ def test_401_digit_config_ints_name_the_file_and_field(tmp_path, field, config):
     assert len(message) < 800  # the 401 digits are quoted cut to 200 characters
 
 
+def test_config_metadata_refusals_are_whole_messages_naming_the_text_and_the_fix():
+    """The stored JSON is quoted (cut) and the message says what to do: the file is damaged, or the pack is older."""
+    good = tiny_config()
+    cases = [
+        ("nope", r"metadata is not valid JSON \('Expecting value: line 1 column 1 \(char 0\)'\); the file is damaged"),
+        ("[1, 2]", r"metadata must be a JSON object, got \[1, 2\]; the file is damaged"),
+        (json.dumps(good | {"zoom": 1, "alpha": 2}),
+         r"has unknown fields \['alpha', 'zoom'\]; the file was written by a newer PainterNet, update the pack"),
+        (json.dumps({"masked_fill": 0.0}), r"has no \['family', 'unet'\]; the file is damaged, re-export it"),
+    ]
+    for text, message in cases:
+        with pytest.raises(ValueError, match=rf"^painternet_config {message}$"):
+            PainterNetConfig.from_json(text)
+    assert PainterNetConfig.from_json(json.dumps({"family": "sd15", "unet": TINY_SD15_UNET})) == \
+        PainterNetConfig(family="sd15", unet=TINY_SD15_UNET)
+
+
 @pytest.mark.parametrize("case, text, message", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
 def test_bad_stored_config_is_refused_before_building(tmp_path, case, text, message):
     path = config_file(tmp_path / f"{case}.safetensors", text)
