@@ -1,6 +1,7 @@
 """Tier 1: config, control layout, checkpoint format and condition preparation (room boundaries: test_rooms.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +22,60 @@ def test_control_layout_matches_the_design_counts(unet, counts):
     layout = control_layout(unet, with_attention=True)
     assert (len(layout.down), len(layout.up), len(layout.attention)) == counts
     assert control_layout(unet, with_attention=False).attention == ()
+
+
+def test_control_layout_is_every_control_point_channel_in_injection_order():
+    """DESIGN §3 spelled out for the real bases: conv_in, each down layer then its downsampler, the mid block, each
+    up layer (one more than down) then its upsampler; ACPs per cross-attention transformer, down, mid, then up."""
+    sd15 = control_layout(SD15_UNET, with_attention=True)
+    assert sd15.down == (320,) + (320,) * 3 + (640,) * 3 + (1280,) * 3 + (1280,) * 2
+    assert (sd15.mid, sd15.up) == (1280, (1280,) * 4 + (1280,) * 4 + (640,) * 4 + (320,) * 3)
+    assert sd15.attention == (320,) * 2 + (640,) * 2 + (1280,) * 2 + (1280,) + (1280,) * 3 + (640,) * 3 + (320,) * 3
+    sdxl = control_layout(SDXL_UNET, with_attention=True)  # depths 1, 2, 10; the first block has no attention
+    assert sdxl.down == (320,) * 4 + (640,) * 3 + (1280,) * 2
+    assert (sdxl.mid, sdxl.up) == (1280, (1280,) * 4 + (640,) * 4 + (320,) * 3)
+    assert sdxl.attention == (640,) * 2 * 2 + (1280,) * 2 * 10 + (1280,) * 10 + (1280,) * 3 * 10 + (640,) * 3 * 2
+    assert control_layout(SDXL_UNET, with_attention=False) == dataclasses.replace(sdxl, attention=())
+
+
+def test_a_topology_without_the_keys_diffusers_defaults_is_accepted_with_those_defaults():
+    """A stored topology may omit what diffusers defaults (GroupNorm 32, depth 1, the cross-attention mid block, ...):
+    it validates and lays out as if they were written, and the channels still have to fit 32 groups."""
+    from painternet_core.config import validate_unet
+
+    defaulted = ("norm_num_groups", "transformer_layers_per_block", "mid_block_type", "norm_eps", "freq_shift",
+                 "flip_sin_to_cos", "in_channels", "out_channels", "act_fn", "use_linear_projection")
+    bare = {k: v for k, v in TINY_SD15_UNET.items() if k not in defaulted}
+    assert set(TINY_SD15_UNET) - set(bare) == set(defaulted)
+    validate_unet(bare)
+    assert control_layout(bare, with_attention=True) == control_layout(TINY_SD15_UNET, with_attention=True)
+    with pytest.raises(ValueError, match=r"^painternet_config unet\.block_out_channels=\[48, 48, 96, 96\]: entry 0 "
+                                         r"\(48\) must be a multiple of norm_num_groups \(32\) and of the first "
+                                         r"entry; the file is damaged$"):
+        validate_unet(dict(bare, block_out_channels=[48, 48, 96, 96]))
+
+
+def test_validate_unet_refusals_are_whole_messages():
+    from painternet_core.config import validate_unet
+
+    cases = [
+        (dict(TINY_SD15_UNET, sample_size=64, _class_name="UNet2DConditionModel"),
+         r"unet has unknown keys \['_class_name', 'sample_size'\]; the file was written by a newer PainterNet \(update "
+         r"the pack\) or is damaged"),
+        ({k: v for k, v in TINY_SD15_UNET.items() if k != "up_block_types"},
+         r"unet has no 'up_block_types'; the file is damaged"),
+        ({k: v for k, v in TINY_SD15_UNET.items() if k != "attention_head_dim"},
+         r"unet has neither attention_head_dim nor num_attention_heads; the file is damaged"),
+        (dict(TINY_SD15_UNET, use_linear_projection="yes"), r"unet\.use_linear_projection='yes' must be true or false"),
+        (dict(TINY_SD15_UNET, norm_num_groups=16),
+         r"unet\.norm_num_groups=16 is not supported: ComfyUI's UNet blocks, from which the PainterNet node rebuilds "
+         r"the branch, only run norm_num_groups=32 \(GroupNorm\(32\) in every resnet and transformer\); train from an "
+         r"SD1\.5- or SDXL-style UNet that uses it"),
+    ]
+    for unet, message in cases:
+        with pytest.raises(ValueError, match=f"^painternet_config {message}$"):
+            validate_unet(unet)
+    validate_unet(dict(TINY_SD15_UNET, use_linear_projection=None, upcast_attention=None))
 
 
 def test_config_json_round_trip_and_errors():

@@ -77,6 +77,39 @@ def test_heads_without_one_count_or_one_size_are_refused_at_both_ends(tmp_path):
         load_branch(str(tmp_path / "heads.safetensors"))
 
 
+def test_the_refusals_are_whole_one_line_messages():
+    """What a training engineer reads: the field, its value, every value ComfyUI runs (as JSON), what that means and
+    the fix; the same for head lists."""
+    with pytest.raises(ValueError, match=r"^unet\.upcast_attention=True is not supported: ComfyUI's UNet blocks, from "
+                                         r"which the PainterNet node rebuilds the branch, only run "
+                                         r"upcast_attention=false or null \(attention in the compute dtype, no "
+                                         r"per-model upcast\); train from an SD1\.5- or SDXL-style UNet that uses it$"):
+        PainterNetConfig.from_unet_config(dict(TINY_SD15_UNET, upcast_attention=True))
+    with pytest.raises(ValueError, match=r"^unet attention heads \[2, 4, 4, 8\] over block_out_channels "
+                                         r"\[32, 32, 64, 64\] are not supported: ComfyUI's UNet blocks, from which the "
+                                         r"PainterNet node rebuilds the branch, need one head count for every block "
+                                         r"or one head size \(channels / heads\) for every block$"):
+        PainterNetConfig.from_unet_config(dict(TINY_SD15_UNET, attention_head_dim=8, num_attention_heads=[2, 4, 4, 8]))
+    for key, value in (("freq_shift", False), ("mid_block_scale_factor", True), ("flip_sin_to_cos", 1)):
+        with pytest.raises(ValueError, match=_refusal(key, value)):  # True is not 1 here, nor 0 False
+            PainterNetConfig.from_unet_config(dict(TINY_SD15_UNET, **{key: value}))
+
+
+def test_one_head_count_or_one_head_size_is_accepted_and_bad_head_lists_get_the_type_checks():
+    for heads in ([8, 8, 8, 8], [1, 1, 2, 2], (2, 2, 4, 4)):
+        assert PainterNetConfig.from_unet_config(dict(TINY_SD15_UNET, attention_head_dim=heads)).unet[
+            "attention_head_dim"] == list(heads)
+    for heads, message in (
+            ([0, 4, 4, 8], r"attention_head_dim\[0\]=0 must be an integer in \[1, 256\]; the file is damaged or not a "
+                           r"supported SD1\.5/SDXL branch"),
+            ([True, 4, 4, 8], r"attention_head_dim\[0\]=True must be an integer in \[1, 256\]; the file is damaged or "
+                              r"not a supported SD1\.5/SDXL branch"),
+            ([2, 4, 4], r"attention_head_dim has 3 entries, expected 4 \(one per block\): \[2, 4, 4\]; the file is "
+                        r"damaged")):
+        with pytest.raises(ValueError, match=rf"^painternet_config unet\.{message}$"):
+            PainterNetConfig.from_unet_config(dict(TINY_SD15_UNET, attention_head_dim=heads))
+
+
 def test_stock_values_are_accepted():
     explicit = dict(TINY_SD15_UNET, norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
                     downsample_padding=1, mid_block_scale_factor=1.0, upcast_attention=False, conv_in_kernel=3,
