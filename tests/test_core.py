@@ -38,6 +38,16 @@ def test_control_layout_is_every_control_point_channel_in_injection_order():
     assert control_layout(SDXL_UNET, with_attention=False) == dataclasses.replace(sdxl, attention=())
 
 
+def test_control_layout_of_per_block_layer_counts_mirrors_them_on_the_way_up():
+    """diffusers allows one layers_per_block per block; each up block has its mirrored down block's count plus one."""
+    unet = dict(TINY_SD15_UNET, layers_per_block=[1, 2, 3, 1])
+    PainterNetConfig(family="sd15", unet=unet)
+    layout = control_layout(unet, with_attention=True)
+    assert layout.down == (32,) * 6 + (64,) * 5
+    assert layout.up == (64,) * 2 + (64,) + (64,) * 4 + (64,) + (32,) * 3 + (32,) + (32,) * 2
+    assert layout.attention == (32,) * 3 + (64,) * 3 + (64,) + (64,) * 4 + (32,) * 3 + (32,) * 2
+
+
 def test_a_topology_without_the_keys_diffusers_defaults_is_accepted_with_those_defaults():
     """A stored topology may omit what diffusers defaults (GroupNorm 32, depth 1, the cross-attention mid block, ...):
     it validates and lays out as if they were written, and the channels still have to fit 32 groups."""
