@@ -399,3 +399,108 @@ def test_poisson_above_its_memory_budget_is_refused_before_any_work(monkeypatch)
     with pytest.raises(ValueError, match="use blend feather or laplacian"):
         C.stitch_batch(info, crops, "poisson", "none")
     assert C.stitch_batch(info, crops, "feather", "none").shape == image.shape
+
+
+def test_stitch_item_returns_a_copy_with_only_hole_and_band_changed():
+    """stitch_item (one photo, no torch): the original is not written; outside hole + band every pixel is the
+    original's bit for bit, inside the hole it is the crop (float32 rounding), in the band the linear feather mix."""
+    rng = np.random.default_rng(3)
+    original = rng.uniform(0.0, 1.0, (24, 32, 3)).astype(np.float32)
+    before = original.copy()
+    crop = rng.uniform(0.0, 1.0, (16, 16, 3)).astype(np.float32)
+    box = C.Box(8, 4, 24, 20)
+    hole = np.zeros((16, 16), bool)
+    hole[6:10, 5:9] = True
+    out = C.stitch_item(original, crop, box, hole, 2, "feather", "none")
+    assert np.array_equal(original, before)
+    weights = C.blend_weights(hole, 2)
+    region = np.zeros((24, 32), bool)
+    region[4:20, 8:24] = weights > 0.0
+    assert np.array_equal(out[~region], before[~region])
+    np.testing.assert_allclose(out[4:20, 8:24][hole], crop[hole], rtol=0, atol=1e-6)
+    band = (weights > 0.0) & ~hole
+    mixed = before[4:20, 8:24] + weights[..., None] * (crop - before[4:20, 8:24])
+    np.testing.assert_allclose(out[4:20, 8:24][band], mixed[band], atol=1e-6)
+    assert band.sum() > 0 and out.dtype == np.float32 and out.shape == before.shape
+    soft = np.ones((16, 16), np.float32)
+    raised = C.stitch_item(original, crop, box, hole, 2, "feather", "none", soft)
+    np.testing.assert_allclose(raised[4:20, 8:24][band], crop[band], rtol=0, atol=1e-6)
+    assert np.array_equal(raised[~region], before[~region])
+    with pytest.raises(ValueError, match=r"^unknown blend 'soft'; use one of "):
+        C.stitch_item(original, crop, box, hole, 2, "soft", "none")
+
+
+@pytest.mark.parametrize(("height", "width", "feather", "levels"), [
+    (64, 100, 1000, 4),    # limited by the size: floor(log2(64)) - 2
+    (1024, 1024, 6, 1),    # limited by the band: floor(log2(6 + 1)) - 1
+    (1024, 1024, 7, 2),
+    (1024, 1024, 0, 0),    # no band: a plain linear mix
+    (1024, 1024, 1000, C.MAX_LAPLACIAN_LEVELS),
+    (3, 3, 1000, 0),
+])
+def test_laplacian_levels_table(height, width, feather, levels):
+    assert C._laplacian_levels(height, width, feather) == levels
+
+
+def test_laplacian_blend_levels_0_is_the_linear_mix():
+    rng = np.random.default_rng(5)
+    a, b = (rng.uniform(0.0, 1.0, (9, 11, 3)).astype(np.float32) for _ in range(2))
+    w = np.full((9, 11), 0.25, np.float32)
+    np.testing.assert_allclose(C.laplacian_blend(a, b, w, 0), b + 0.25 * (a - b), atol=1e-6)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_laplacian_blend_pyramid_on_odd_sizes(levels):
+    """Odd sizes (37x53): weight 1 gives the inpainted image back, weight 0 the original (the pyramid is exact);
+    a flat 0 -> 1 step is mixed with the weights seen at the coarsest level (pyrUp^L(pyrDown^L(w)))."""
+    rng = np.random.default_rng(6)
+    a, b = (rng.uniform(0.0, 1.0, (37, 53, 3)).astype(np.float32) for _ in range(2))
+    ones, zeros = np.ones((37, 53), np.float32), np.zeros((37, 53), np.float32)
+    np.testing.assert_allclose(C.laplacian_blend(a, b, ones, levels), a, atol=1e-5)
+    np.testing.assert_allclose(C.laplacian_blend(a, b, zeros, levels), b, atol=1e-5)
+    step = np.zeros((37, 53), np.float32)
+    step[:, 26:] = 1.0
+    sizes = [(53, 37)]
+    coarse = step
+    for _ in range(levels):
+        coarse = cv2.pyrDown(coarse)
+        sizes.append((coarse.shape[1], coarse.shape[0]))
+    for size in reversed(sizes[:-1]):
+        coarse = cv2.pyrUp(coarse, dstsize=size)
+    out = C.laplacian_blend(np.ones_like(a), np.zeros_like(b), step, levels)
+    np.testing.assert_allclose(out, np.repeat(coarse[..., None], 3, axis=2), atol=1e-5)
+    assert 0.0 < out[0, 25, 0] < 1.0
+
+
+def test_to_u8_rounds_half_up_and_clips():
+    values = np.array([-0.5, 0.0, 0.5, 0.99, 1.0, 1.5], np.float32)
+    assert C._to_u8(values).tolist() == [0, 0, 128, 252, 255, 255]
+
+
+def test_poisson_correction_is_float32():
+    """float32 like the crop it is added to (a float64 correction would double the memory of a large hole)."""
+    rng = np.random.default_rng(7)
+    a, b = (rng.uniform(0.0, 1.0, (20, 20, 3)).astype(np.float32) for _ in range(2))
+    hole = np.zeros((20, 20), bool)
+    hole[6:14, 6:14] = True
+    assert C.poisson_correction(a, b, hole).dtype == np.float32
+    empty = C.poisson_correction(a, b, np.zeros((20, 20), bool))
+    assert empty.dtype == np.float32 and not empty.any()
+
+
+def test_soft_weights_band_cut_and_warning_threshold(caplog):
+    """Inside the band max(ramp, mask); outside exactly 0 (float32); the warning fires when a mask value at or above
+    SOFT_VISIBLE lies outside the band, and only then (a mask inside the band is silent)."""
+    weights = np.array([[1.0, 0.5, 0.0, 0.0]], np.float32)
+    inside = np.array([[1.0, 0.8, 0.0, 0.0]], np.float32)
+    with caplog.at_level("WARNING", logger="painternet"):
+        out = C.soft_weights(weights, inside)
+    assert caplog.records == []
+    assert out.dtype == np.float32 and out.tolist() == [[1.0, np.float32(0.8), 0.0, 0.0]]
+    edge = np.array([[1.0, 0.2, C.SOFT_VISIBLE, 0.0]], np.float32)
+    with caplog.at_level("WARNING", logger="painternet"):
+        out = C.soft_weights(weights, edge)
+    assert out.tolist() == [[1.0, 0.5, 0.0, 0.0]]
+    assert [r.getMessage() for r in caplog.records] == [
+        "PainterNetStitch: the mask's soft edge reaches past grow + feather; it is cut there (pixels outside the "
+        "band are never changed). Raise feather to cover the mask's feathering"]
