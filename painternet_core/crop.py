@@ -436,14 +436,6 @@ def poisson_correction(inpainted: np.ndarray, target: np.ndarray, hole: np.ndarr
     return out
 
 
-def stitch_item(original: np.ndarray, crop: np.ndarray, box: Box, hole: np.ndarray, feather: int, blend: str,
-                color_match: str, soft: np.ndarray | None = None) -> np.ndarray:
-    """Put one inpainted crop back into a copy of its (H, W, C) original (see `stitch_into`)."""
-    out = original.copy()
-    stitch_into(out, crop, box, hole, feather, blend, color_match, soft)
-    return out
-
-
 def soft_weights(weights: np.ndarray, soft: np.ndarray) -> np.ndarray:
     """The feather band raised to a soft mask's edge: max(linear ramp, mask) wherever the ramp is above 0, so the
     crop is mixed in as far as the sampler (Differential Diffusion) changed it; 0 beyond grow + feather whatever the
