@@ -505,3 +505,375 @@ def test_soft_weights_band_cut_and_warning_threshold(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "PainterNetStitch: the mask's soft edge reaches past grow + feather; it is cut there (pixels outside the "
         "band are never changed). Raise feather to cover the mask's feathering"]
+
+
+def test_mask_refusals_are_whole_messages_naming_the_shape_and_the_fix():
+    image = image_of(100, 120)
+    with pytest.raises(ValueError, match=r"^mask has shape \(1, 1, 100, 120\); expected a MASK \(B, H, W\) or "
+                                         r"\(H, W\)$"):
+        C.crop_batch(image, torch.ones(1, 1, 100, 120), 64, 0.5, 8, 0, 2)
+    with pytest.raises(ValueError, match=r"^mask is 12x10 but the image is 120x100; use a mask drawn on this image "
+                                         r"\(or resize it to the image first\)$"):
+        C.crop_batch(image, torch.ones(1, 10, 12), 64, 0.5, 8, 0, 2)
+    with pytest.raises(ValueError, match=r"^mask batch 2 does not match image batch 3; give one mask for all images "
+                                         r"or one per image$"):
+        C.crop_batch(image.repeat(3, 1, 1, 1), torch.ones(2, 100, 120), 64, 0.5, 8, 0, 2)
+    nan = torch.ones(1, 100, 120)
+    nan[0, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"^mask contains NaN or infinite values; fix the node that produced it$"):
+        C.crop_batch(image, nan, 64, 0.5, 8, 0, 2)
+
+
+def test_a_2d_or_bfloat16_mask_crops_as_the_float32_batch_mask_and_soft_values_are_clamped_to_0_1():
+    """A (H, W) MASK and a bfloat16 one (numpy has no bfloat16) are the same hole as the (1, H, W) float32 mask; the
+    soft mask kept for the stitch is the drawn one clamped to [0, 1] (out-of-range values from a math node)."""
+    image = image_of(60, 80)
+    mask = torch.from_numpy(hole_mask(60, 80, 20, 30, 16, 16)).float()
+    ref_crops, ref_masks, ref_info = C.crop_batch(image, mask[None], 64, 0.5, 8, 2, 3)
+    for other in (mask, mask[None].to(torch.bfloat16)):
+        crops, masks, info = C.crop_batch(image, other, 64, 0.5, 8, 2, 3)
+        assert torch.equal(crops, ref_crops) and torch.equal(masks, ref_masks) and info.boxes == ref_info.boxes
+    soft = mask.clone()
+    soft[20:36, 26:30] = 0.3
+    soft[40:44, 30:46] = -0.5
+    soft[22:30, 32:40] = 1.5
+    _, _, info = C.crop_batch(image, soft[None], 64, 0.5, 8, 2, 3)
+    box = info.boxes[0]
+    expected = soft[box.y0:box.y1, box.x0:box.x1].clamp(0.0, 1.0)
+    assert torch.equal(info.soft[0], expected)
+    assert float(expected.min()) == 0.0 and float(expected.max()) == 1.0
+
+
+def test_stitch_refusals_are_whole_messages_and_name_the_poisson_item(monkeypatch):
+    height, width = 60, 160
+    image = image_of(height, width)
+    mask = torch.from_numpy(hole_mask(height, width, 25, 40, 10, 80))[None].float()
+    crops, _, info = C.crop_batch(image, mask, 64, 0.5, 8, 0, 2)
+    cw, ch = info.crop_size
+    assert cw != ch
+    nan = crops.clone()
+    nan[0, 1, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"^image contains NaN or infinite values; fix the node that produced it$"):
+        C.stitch_batch(info, nan, "feather", "none")
+    with pytest.raises(ValueError, match=r"^image batch 2 does not match the 1 crop\(s\) in stitch; connect the "
+                                         r"decoded image of the sampling that started from this PainterNetCrop's "
+                                         r"image$"):
+        C.stitch_batch(info, crops.repeat(2, 1, 1, 1), "feather", "none")
+    with pytest.raises(ValueError, match=rf"^image is 16x8 but this stitch's crops are {cw}x{ch}; connect the stitch "
+                                         r"output of the PainterNetCrop whose image was inpainted$"):
+        C.stitch_batch(info, torch.zeros(1, 8, 16, 3), "feather", "none")
+    with pytest.raises(ValueError, match=r"^unknown blend 'x{200}'; use one of feather, laplacian, poisson$"):
+        C.stitch_batch(info, crops, "x" * 1000, "none")
+    with pytest.raises(ValueError, match=r"^unknown color_match 'y{200}'; use one of none, mean_std$"):
+        C.stitch_batch(info, crops, "feather", "y" * 1000)
+    monkeypatch.setattr(C, "POISSON_MAX_PIXELS", 10 * 80 - 1)
+    with pytest.raises(ValueError, match=r"^blend poisson on the hole \(80x10 px box\) would need"):
+        C.stitch_batch(info, crops, "poisson", "none")
+    pair = torch.cat([image, image])
+    crops2, _, info2 = C.crop_batch(pair, mask, 64, 0.5, 8, 0, 2)
+    with pytest.raises(ValueError, match=r"^blend poisson on the hole of item 0 \(80x10 px box\) would need"):
+        C.stitch_batch(info2, crops2, "poisson", "none")
+
+
+def test_stitch_of_a_float64_or_rgba_image_is_float32_and_keeps_the_alpha():
+    """The stitched IMAGE is float32 whatever the input's dtype (ComfyUI's IMAGE type); an RGBA photo keeps its
+    alpha bit for bit and its RGB is stitched as the RGB photo's, from an RGB or an RGBA decoded crop."""
+    height, width = 60, 80
+    rgb = image_of(height, width, seed=2)
+    mask = torch.from_numpy(hole_mask(height, width, 20, 30, 12, 14))[None].float()
+    crops, _, info = C.crop_batch(rgb, mask, 64, 0.5, 8, 2, 3)
+    new = perturbed(crops, 1)
+    for match in C.COLOR_MATCH_MODES:
+        ref = C.stitch_batch(info, new, "feather", match)
+        _, _, info64 = C.crop_batch(rgb.double(), mask, 64, 0.5, 8, 2, 3)
+        out64 = C.stitch_batch(info64, new.double(), "feather", match)
+        assert out64.dtype == torch.float32 and torch.equal(out64, ref)
+        alpha = torch.rand(1, height, width, 1, generator=torch.Generator().manual_seed(4))
+        rgba = torch.cat([rgb, alpha], dim=-1)
+        _, _, info4 = C.crop_batch(rgba, mask, 64, 0.5, 8, 2, 3)
+        for decoded in (new, torch.cat([new, torch.ones_like(new[..., :1])], dim=-1)):
+            out4 = C.stitch_batch(info4, decoded, "feather", match)
+            assert torch.equal(out4[..., 3:], alpha) and torch.equal(out4[..., :3], ref)
+
+
+@pytest.mark.parametrize("blend", C.BLEND_MODES)
+def test_a_crop_outside_0_1_is_stitched_clipped_to_0_1(blend):
+    """A decoded image may leave [0, 1] (a math node, an upscaler's overshoot): the written pixels are clipped, so
+    the hole shows both limits exactly and nothing beyond."""
+    rng = np.random.default_rng(11)
+    original = rng.uniform(0.2, 0.8, (24, 32, 3)).astype(np.float32)
+    crop = rng.uniform(-0.5, 1.5, (16, 16, 3)).astype(np.float32)
+    hole = np.zeros((16, 16), bool)
+    hole[4:12, 4:12] = True
+    out = original.copy()
+    C.stitch_into(out, crop, C.Box(8, 4, 24, 20), hole, 2, blend, "none")
+    inside = out[4:20, 8:24][hole]
+    assert inside.min() == 0.0 and inside.max() == 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_stitch_laplacian_is_the_multiband_blend_with_inward_weights():
+    rng = np.random.default_rng(12)
+    original = rng.uniform(0.0, 1.0, (40, 40, 3)).astype(np.float32)
+    crop = rng.uniform(0.0, 1.0, (32, 32, 3)).astype(np.float32)
+    hole = np.zeros((32, 32), bool)
+    hole[6:26, 8:28] = True
+    out = original.copy()
+    C.stitch_into(out, crop, C.Box(4, 4, 36, 36), hole, 7, "laplacian", "none")
+    weights = C.blend_weights(hole, 7, inward=True)
+    region = original[4:36, 4:36]
+    levels = C._laplacian_levels(32, 32, 7)
+    assert levels == 2
+    expected = np.clip(C.laplacian_blend(crop, region, weights, levels), 0.0, 1.0)
+    assert np.array_equal(out[4:36, 4:36][weights > 0], expected[weights > 0])
+
+
+def test_blend_weights_falloff_table_and_dtype():
+    """Outward: 1 in the hole, 1 - d / (feather + 1) outside, 0 beyond; inward: d / (feather + 1) from the edge,
+    1 deeper in; float32; a hole covering everything is all ones (float32)."""
+    hole = np.zeros((1, 12), bool)
+    hole[0, 3] = True
+    out = C.blend_weights(hole, 3)
+    assert out.dtype == np.float32
+    assert out[0].tolist() == [0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0]
+    deep = np.zeros((1, 12), bool)
+    deep[0, 1:11] = True
+    inward = C.blend_weights(deep, 2, inward=True)
+    assert inward.dtype == np.float32
+    third = np.float32(1.0) / np.float32(3.0)
+    assert inward[0].tolist() == [0.0, third, 2 * third, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2 * third, third, 0.0]
+    full = C.blend_weights(np.ones((3, 4), bool), 5)
+    assert full.dtype == np.float32 and full.tolist() == [[1.0] * 4] * 3
+
+
+def ycrcb(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.ascontiguousarray(rgb, np.float32), cv2.COLOR_RGB2YCrCb).astype(np.float64)
+
+
+def ring_of(hole: np.ndarray, feather: int) -> np.ndarray:
+    """The statistics ring, computed independently: pixels outside the hole within max(feather, 8) px (Euclidean)."""
+    ys, xs = np.nonzero(hole)
+    yy, xx = np.mgrid[0:hole.shape[0], 0:hole.shape[1]]
+    d = np.min(np.hypot(yy[..., None] - ys, xx[..., None] - xs), axis=-1)
+    return ~hole & (d <= max(feather, C.RING_MIN_WIDTH))
+
+
+def test_match_color_gives_the_ring_the_originals_ycrcb_mean_and_std():
+    """Reinhard's transfer in YCbCr, measured in the ring: afterwards the inpainted ring has the original ring's
+    per-channel mean and std (std ratio 0.5 ... 2 unclamped here), and the hole gets the same affine map."""
+    rng = np.random.default_rng(13)
+    hole = np.zeros((40, 44), bool)
+    hole[12:28, 14:30] = True
+    ring = ring_of(hole, 3)
+    original = rng.uniform(0.3, 0.7, (40, 44, 3)).astype(np.float32)
+    original[~ring & ~hole] = 0.9
+    inpainted = (rng.uniform(0.38, 0.62, (40, 44, 3)) + [0.08, -0.06, 0.0]).astype(np.float32)
+    inpainted[hole] = rng.uniform(0.45, 0.55, (int(hole.sum()), 3))
+    out = C.match_color(inpainted, original, hole, 3)
+    src, ref, got = ycrcb(inpainted)[ring], ycrcb(original)[ring], ycrcb(out)[ring]
+    ratio = ref.std(axis=0) / src.std(axis=0)
+    assert np.all((ratio > 1.1) & (ratio < 2.0)) and np.ptp(src.mean(axis=0)) > 0.01
+    np.testing.assert_allclose(got.mean(axis=0), ref.mean(axis=0), atol=2e-5)
+    np.testing.assert_allclose(got.std(axis=0), ref.std(axis=0), atol=2e-5)
+    mapped = (ycrcb(inpainted)[hole] - src.mean(axis=0)) * ratio + ref.mean(axis=0)
+    np.testing.assert_allclose(ycrcb(out)[hole], mapped, atol=2e-4)
+
+
+def test_match_color_clamps_the_std_ratio_and_keeps_a_flat_ring_unscaled():
+    rng = np.random.default_rng(14)
+    hole = np.zeros((30, 30), bool)
+    hole[10:20, 10:20] = True
+    ring = ring_of(hole, 0)
+    original = rng.uniform(0.3, 0.7, (30, 30, 3)).astype(np.float32)
+    for scale, clamp in ((0.2, 2.0), (2.0, 0.5)):
+        inpainted = (0.5 + scale * (original - 0.5)).astype(np.float32)
+        out = C.match_color(inpainted, original, hole, 0)
+        np.testing.assert_allclose(ycrcb(out)[ring].std(axis=0), clamp * ycrcb(inpainted)[ring].std(axis=0),
+                                   rtol=1e-3)
+    flat = np.full((30, 30, 3), 0.4, np.float32)
+    flat += rng.uniform(-2e-4, 2e-4, flat.shape).astype(np.float32)
+    flat[hole] = rng.uniform(0.3, 0.5, (100, 3))
+    src = ycrcb(flat)
+    assert np.all(src[ring].std(axis=0) <= 1e-3)
+    out = C.match_color(flat, original, hole, 0)
+    shifted = src[hole] - src[ring].mean(axis=0) + ycrcb(original)[ring].mean(axis=0)
+    np.testing.assert_allclose(ycrcb(out)[hole], shifted, atol=2e-4)
+
+
+def test_match_color_needs_16_ring_pixels_and_clips_to_0_1():
+    original = np.full((2, 16, 3), 0.7, np.float32)
+    inpainted = np.full((2, 16, 3), 0.3, np.float32)
+    hole = np.zeros((2, 16), bool)
+    hole[0] = True
+    np.testing.assert_allclose(C.match_color(inpainted, original, hole, 0), original, atol=1e-6)
+    short = C.match_color(inpainted[:, :15], original[:, :15], hole[:, :15], 0)
+    assert np.array_equal(short, inpainted[:, :15])
+    hole = np.zeros((30, 30), bool)
+    hole[10:20, 10:20] = True
+    for ring_value, ring_src, inside, limit in ((0.95, 0.1, 0.9, 1.0), (0.05, 0.9, 0.1, 0.0)):
+        original = np.full((30, 30, 3), ring_value, np.float32)
+        inpainted = np.full((30, 30, 3), ring_src, np.float32)
+        inpainted[hole] = inside
+        out = C.match_color(inpainted, original, hole, 0)
+        assert np.all(out[hole] == limit) and out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_crop_refusals_are_whole_messages_and_each_negative_setting_alone_is_refused():
+    image = image_of(60, 80)
+    mask = torch.from_numpy(hole_mask(60, 80, 20, 30, 8, 8))[None].float()
+    assert C.crop_batch(image, mask, 8, 0.5, 8, 0, 2)[0].shape[1:] == (8, 8, 3)
+    with pytest.raises(ValueError, match=r"^resolution 7 is below 8 px; use the branch's training size \(512 SD1\.5, "
+                                         r"1024 SDXL\)$"):
+        C.crop_batch(image, mask, 7, 0.5, 8, 0, 2)
+    for args in ((-0.5, 8, 0, 2), (0.5, -1, 0, 2), (0.5, 8, -1, 2), (0.5, 8, 0, -1)):
+        context, context_min, grow, feather = args
+        with pytest.raises(ValueError, match=rf"^context {context}, context_min {context_min}, grow {grow} and "
+                                             rf"feather {feather} must not be negative$"):
+            C.crop_batch(image, mask, 64, *args)
+    half = torch.full((1, 60, 80), C.MASK_THRESHOLD)
+    with pytest.raises(ValueError, match=r"^the mask is empty: nothing to inpaint\. Paint the region to generate in "
+                                         r"white \(mask = 1\)$"):
+        C.crop_batch(image, half, 64, 0.5, 8, 0, 2)
+    with pytest.raises(ValueError, match=r"^mask 1 of the batch is empty: nothing to inpaint\. Paint the region to "
+                                         r"generate in white \(mask = 1\)$"):
+        C.crop_batch(image.repeat(2, 1, 1, 1), torch.cat([mask, half]), 64, 0.5, 8, 0, 2)
+    bad = image.clone()
+    bad[0, 24, 34, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^image contains NaN or infinite values; fix the node that produced it$"):
+        C.crop_batch(bad, mask, 64, 0.5, 8, 0, 2)
+    with pytest.raises(ValueError, match=r"^image 1 of the batch contains NaN or infinite values; fix the node that "
+                                         r"produced it$"):
+        C.crop_batch(torch.cat([image, bad]), mask, 64, 0.5, 8, 0, 2)
+
+
+def test_crop_outputs_are_float32_from_bfloat16_and_the_debug_line_names_the_boxes(caplog):
+    image = image_of(60, 80, seed=3)
+    mask = torch.from_numpy(hole_mask(60, 80, 20, 30, 8, 8))[None].float()
+    mask[0, 18:20, 30:38] = 0.25
+    with caplog.at_level("DEBUG", logger="painternet"):
+        crops, masks, info = C.crop_batch(image.to(torch.bfloat16), mask, 64, 0.5, 8, 0, 2)
+    ref = C.crop_batch(image.to(torch.bfloat16).float(), mask, 64, 0.5, 8, 0, 2)
+    assert crops.dtype == masks.dtype == info.soft[0].dtype == torch.float32
+    assert torch.equal(crops, ref[0]) and torch.equal(masks, ref[1])
+    out = C.stitch_batch(info, crops.to(torch.bfloat16), "feather", "none")
+    assert out.dtype == torch.float32
+    assert [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"] == [
+        f"PainterNetCrop: 1 item(s), boxes {list(info.boxes)} -> {info.crop_size[0]}x{info.crop_size[1]}"]
+
+
+def test_batch_boxes_take_the_aspect_of_the_largest_box_and_the_crop_their_mean_aspect():
+    """Item 0's hole is large and near square, item 1's small and wide: both boxes are widened to item 0's box's
+    aspect (the largest by area, not the widest), and the crop size is crop_size of their mean aspect; one mask per
+    item gives each item its own soft edge."""
+    height, width = 200, 300
+    image = image_of(height, width, seed=4).repeat(2, 1, 1, 1)
+    masks = torch.zeros(2, height, width)
+    masks[0, 40:120, 60:150] = 1.0
+    masks[1, 100:104, 150:230] = 1.0
+    masks[0, 38:40, 60:150] = 0.3
+    masks[1, 98:100, 150:230] = 0.6
+    _, _, info = C.crop_batch(image, masks, 64, 0.5, 8, 0, 2)
+    alone = [C.crop_batch(image[:1], masks[i:i + 1], 64, 0.5, 8, 0, 2)[2].boxes[0] for i in range(2)]
+    assert alone[0].width * alone[0].height > alone[1].width * alone[1].height
+    assert alone[1].width / alone[1].height > alone[0].width / alone[0].height
+    aspect = alone[0].width / alone[0].height
+    assert info.boxes[0] == alone[0]
+    assert abs(info.boxes[1].width / info.boxes[1].height - aspect) < 1.0 / info.boxes[1].height
+    mean = sum(b.width / b.height for b in info.boxes) / 2
+    assert info.crop_size == C.crop_size(mean, 64)
+    for i, box in enumerate(info.boxes):
+        assert torch.equal(info.soft[i], masks[i, box.y0:box.y1, box.x0:box.x1])
+
+
+def test_box_contains_needs_all_four_sides():
+    outer = C.Box(0, 0, 10, 10)
+    assert outer.contains(C.Box(0, 0, 10, 10)) and outer.contains(C.Box(2, 3, 8, 9))
+    for inner in (C.Box(-1, 0, 10, 10), C.Box(0, -1, 10, 10), C.Box(0, 0, 11, 10), C.Box(0, 0, 10, 11)):
+        assert not outer.contains(inner), inner
+
+
+def test_grow_hole_reaches_the_first_row_and_column():
+    hole = np.zeros((8, 8), bool)
+    hole[2, 2] = True
+    grown = C.grow_hole(hole, 2)
+    yy, xx = np.mgrid[0:8, 0:8]
+    assert np.array_equal(grown, (yy - 2) ** 2 + (xx - 2) ** 2 <= 4)
+    assert grown[0, 2] and grown[2, 0]
+
+
+def test_resize_shrinks_by_area_and_enlarges_by_clipped_lanczos():
+    """By total area: 10x10 -> 5x15 (fewer pixels, though taller) is area averaging; an enlarged 0/1 step
+    overshoots under Lanczos and comes back clipped to exactly [0, 1]."""
+    rng = np.random.default_rng(15)
+    image = rng.uniform(0.0, 1.0, (10, 10, 3)).astype(np.float32)
+    for size in ((5, 15), (5, 5), (20, 5)):
+        assert np.array_equal(C._resize(image, size), cv2.resize(image, size, interpolation=cv2.INTER_AREA)), size
+    step = np.zeros((6, 6, 3), np.float32)
+    step[:, 3:] = 1.0
+    big = C._resize(step, (17, 17))
+    lanczos = cv2.resize(step, (17, 17), interpolation=cv2.INTER_LANCZOS4)
+    assert lanczos.min() < 0.0 and lanczos.max() > 1.0
+    assert np.array_equal(big, np.clip(lanczos, 0.0, 1.0))
+
+
+def test_resize_hole_keeps_every_touched_pixel_when_shrinking_and_is_nearest_when_enlarging():
+    hole = np.zeros((100, 100), bool)
+    hole[52, 52] = True
+    small = C._resize_hole(hole, (10, 10))
+    assert small.sum() == 1 and small[5, 5]
+    same_area = np.zeros((4, 6), bool)
+    same_area[1, 2] = True
+    expected = cv2.resize(same_area.astype(np.float32), (4, 6), interpolation=cv2.INTER_AREA) > 0.0
+    assert np.array_equal(C._resize_hole(same_area, (4, 6)), expected)
+    rng = np.random.default_rng(16)
+    blob = rng.uniform(0.0, 1.0, (4, 4)) > 0.5
+    for size in ((10, 10), (3, 12)):
+        near = cv2.resize(blob.astype(np.float32), size, interpolation=cv2.INTER_NEAREST) > 0.5
+        assert np.array_equal(C._resize_hole(blob, size), near), size
+
+
+def test_all_finite_sums_in_float64():
+    big = np.full((4,), 3e38, np.float32)
+    assert C._all_finite(big) and not C._all_finite(np.array([1.0, np.inf], np.float32))
+
+
+def test_clone_mask_grows_only_holes_thinner_than_3_px_by_exactly_1_px():
+    thin = np.zeros((12, 12), bool)
+    thin[4:6, 3:9] = True
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    assert np.array_equal(C._clone_mask(thin), cv2.dilate(thin.astype(np.uint8), cross) > 0)
+    three = np.zeros((12, 12), bool)
+    three[4:7, 3:9] = True
+    assert C._clone_mask(three) is three
+
+
+def test_poisson_limit_is_inclusive_and_the_correction_is_exact_and_local(monkeypatch):
+    hole = np.zeros((40, 40), bool)
+    hole[10:20, 12:30] = True
+    monkeypatch.setattr(C, "POISSON_MAX_PIXELS", 18 * 10)
+    C.check_poisson_size(hole)
+    inpainted = np.full((40, 40, 3), 0.4, np.float32)
+    target = np.full((40, 40, 3), 0.6, np.float32)
+    correction = C.poisson_correction(inpainted, target, hole)
+    assert np.all(correction[~hole] == 0.0)
+    assert np.all(np.isin(correction[hole], [np.float32(50 / 255), np.float32(51 / 255)]))
+    assert np.mean(correction[hole] == np.float32(51 / 255)) > 0.5
+    edge = np.zeros((40, 40), bool)
+    edge[10:20, 0:10] = True
+    flat = C.poisson_correction(inpainted, inpainted.copy(), edge)
+    assert np.abs(flat).max() <= 1.0 / 255.0 + 1e-7
+
+
+def test_stitch_into_a_float64_photo_from_a_float64_crop_matches_the_float32_stitch():
+    """stitch_into works in float32 whatever it is given (OpenCV's colour conversion has no float64)."""
+    rng = np.random.default_rng(17)
+    original = rng.uniform(0.2, 0.8, (24, 32, 3))
+    crop = rng.uniform(0.0, 1.0, (16, 16, 3))
+    hole = np.zeros((16, 16), bool)
+    hole[5:11, 5:11] = True
+    ref = original.astype(np.float32)
+    C.stitch_into(ref, crop.astype(np.float32), C.Box(8, 4, 24, 20), hole, 2, "feather", "mean_std")
+    for image, source in ((original.copy(), crop), (original.astype(np.float32), crop),
+                          (original.copy(), crop.astype(np.float32))):
+        C.stitch_into(image, source, C.Box(8, 4, 24, 20), hole, 2, "feather", "mean_std")
+        assert np.array_equal(image.astype(np.float32), ref)
