@@ -877,3 +877,14 @@ def test_stitch_into_a_float64_photo_from_a_float64_crop_matches_the_float32_sti
                           (original.copy(), crop.astype(np.float32))):
         C.stitch_into(image, source, C.Box(8, 4, 24, 20), hole, 2, "feather", "mean_std")
         assert np.array_equal(image.astype(np.float32), ref)
+
+
+def test_one_soft_mask_for_a_batch_is_every_items_soft_edge():
+    image = image_of(60, 80, seed=5).repeat(2, 1, 1, 1)
+    mask = torch.from_numpy(hole_mask(60, 80, 20, 30, 8, 8))[None].float()
+    mask[0, 18:20, 30:38] = 0.4
+    _, _, info = C.crop_batch(image, mask, 64, 0.5, 8, 0, 2)
+    box = info.boxes[0]
+    assert info.boxes[1] == box and len(info.soft) == 2
+    for soft in info.soft:
+        assert torch.equal(soft, mask[0, box.y0:box.y1, box.x0:box.x1])
