@@ -102,8 +102,9 @@ def comfy_layout(diffusion_model: nn.Module) -> ComfyLayout:
 
 
 def _patch_names(options: dict[str, Any], hook: str) -> str:
-    """The other packs' patches on `hook`, for an error that names who changed the hidden state."""
-    patches = options.get("patches", {}).get(hook, [])
+    """The other packs' patches on `hook`, for an error that names who changed the hidden state
+    (forward_timestep_embed_patch entries are (module class, function) pairs: the function is named)."""
+    patches = [p[-1] if isinstance(p, tuple) else p for p in options.get("patches", {}).get(hook, [])]
     names = [f"{getattr(p, '__module__', '?')}.{getattr(p, '__qualname__', type(p).__name__)}" for p in patches
              if getattr(p, "__module__", None) != __name__]
     return ", ".join(names) or "none registered on this hook"

@@ -122,12 +122,87 @@ def test_without_branch_context_the_branch_sees_the_base_context(world):
     assert torch.equal(calls.contexts[0], want)
 
 
-def test_bad_branch_context_is_refused():
+@pytest.mark.parametrize("cond,uncond,message", [
+    ((5, 32), (1, 5, 32), "BranchContext.cond is (5, 32); expected a (1, tokens, channels) tensor"),
+    ((1, 32), (1, 32), "BranchContext.cond is (1, 32); expected a (1, tokens, channels) tensor"),
+    ((1, 5, 32, 1), (1, 5, 32, 1), "BranchContext.cond is (1, 5, 32, 1); expected a (1, tokens, channels) tensor"),
+    ((1, 5, 32), (2, 5, 32), "BranchContext.uncond is (2, 5, 32); expected a (1, tokens, channels) tensor"),
+    ((1, 5, 32), "list", "BranchContext.uncond is list; expected a (1, tokens, channels) tensor"),
+    ((1, 5, 32), (1, 6, 32), "BranchContext cond (1, 5, 32) and uncond (1, 6, 32) differ; encode both to the same "
+                             "token count"),
+])
+def test_bad_branch_context_is_refused(cond, uncond, message):
     inj = pack_module("nodes.injection")
-    with pytest.raises(ValueError, match=r"BranchContext.cond is \(5, 32\)"):
-        inj.BranchContext(torch.zeros(5, 32), torch.zeros(1, 5, 32))
-    with pytest.raises(ValueError, match="differ; encode both to the same token count"):
-        inj.BranchContext(torch.zeros(1, 5, 32), torch.zeros(1, 6, 32))
+    with pytest.raises(ValueError) as refused:
+        inj.BranchContext(torch.zeros(cond), [] if uncond == "list" else torch.zeros(uncond))
+    assert str(refused.value) == message
+
+
+def test_branch_context_rows_follow_cond_or_uncond_without_copying_one_chunk():
+    inj = pack_module("nodes.injection")
+    context = inj.BranchContext(torch.zeros(1, 3, 4), torch.ones(1, 3, 4))
+    assert torch.equal(inj._branch_context(context, 2, {}), torch.zeros(2, 3, 4))  # no cond_or_uncond: cond
+    alone = inj._branch_context(context, 2, {"cond_or_uncond": [1]})
+    assert torch.equal(alone, torch.ones(2, 3, 4)) and alone.stride(0) == 0  # the expanded view, not a copy
+    both = inj._branch_context(context, 4, {"cond_or_uncond": [1, 0]})
+    assert torch.equal(both, torch.cat([torch.ones(2, 3, 4), torch.zeros(2, 3, 4)]))
+    with pytest.raises(ValueError) as refused:
+        inj._branch_context(context, 2, {"cond_or_uncond": [2]})
+    assert str(refused.value) == "cond_or_uncond entry 2: a branch context knows cond (0) and uncond (1) only"
+
+
+@pytest.mark.parametrize("shape,size,mode", [
+    ((1, 2, 6, 4), (2, 4), "area"),  # shrinks the height, keeps the width
+    ((1, 1, 2, 9), (2, 3), "area"),  # keeps the height, shrinks the width below the old height
+    ((1, 1, 3, 9), (2, 12), "bilinear"),  # shrinks one side, grows the other
+    ((1, 1, 4, 5), (6, 5), "bilinear"),
+])
+def test_residual_maps_shrink_by_area_and_grow_bilinearly(shape, size, mode):
+    """Non-square maps and factor-3 shrinks, where area and bilinear differ (at factor 2 they agree)."""
+    import torch.nn.functional as F
+
+    residual = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    want = F.interpolate(residual, size=size, mode=mode, **kwargs)
+    other = F.interpolate(residual, size=size, mode="bilinear" if mode == "area" else "area")
+    got = pack_module("nodes.injection").resize_map(residual, size)
+    assert torch.equal(got, want) and not torch.allclose(got, other)
+
+
+@pytest.mark.parametrize("tokens,latent,grid", [
+    (1, (1, 8), (1, 1)), (1, (2, 1), (1, 1)), (1, (1, 2), (1, 1)), (2, (2, 4), (1, 2)), (8, (1, 8), (1, 8)),
+    (0, (7, 13), None), (3, (1, 8), None),
+])
+def test_token_grid_halves_each_side_down_to_one(tokens, latent, grid):
+    assert pack_module("nodes.injection")._token_grid(tokens, latent) == grid
+
+
+def test_conflict_names_the_other_packs_patches_and_not_ours():
+    """The error names every foreign patch on the hook (a function, a callable object, the function of a
+    (class, function) pair, an object with no module) and leaves out the pack's own."""
+    import functools
+
+    inj = pack_module("nodes.injection")
+
+    def widen(h: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return h
+
+    tail = ("Set that patch so it keeps the channels and the batch size (a changed spatial size is followed), or use "
+            "it on a model without PainterNet")
+    residual, h = torch.zeros(2, 32, 8, 8), torch.zeros(2, 64, 8, 8)
+    patches = {"input_block_patch": [inj.input_block_patch, widen, functools.partial(widen), (1).__add__],
+               "forward_timestep_embed_patch": [(inj.UpsampleHolder, inj.holder_patch), (torch.nn.Identity, widen)]}
+    message = str(inj._conflict(residual, h, "input block 4", {"patches": patches}, "input_block_patch"))
+    here = f"{__name__}.test_conflict_names_the_other_packs_patches_and_not_ours.<locals>.widen"
+    assert message == ("PainterNet residual of shape (2, 32, 8, 8) cannot join the model's hidden state (2, 64, 8, 8) at "
+                       "input block 4: another model patch changed it in a way the branch cannot follow (other "
+                       f"input_block_patch patches: {here}, functools.partial, ?.int.__add__). " + tail)
+    embed = str(inj._conflict(residual, h, "the last output block", {"patches": patches},
+                              "forward_timestep_embed_patch"))
+    assert f"(other forward_timestep_embed_patch patches: {here}). Set" in embed
+    for options in ({}, {"patches": {}}, {"patches": {"input_block_patch": [inj.input_block_patch]}}):
+        message = str(inj._conflict(residual, h, "input block 4", options, "input_block_patch"))
+        assert "(other input_block_patch patches: none registered on this hook). " + tail in message
 
 
 @pytest.mark.parametrize("order", ["sampling-after-apply", "sampling-before-apply"])

@@ -103,6 +103,35 @@ def test_streamed_load_matches_the_in_memory_build(tmp_path):
     assert not any(v.is_meta for v in streamed.values())
 
 
+@pytest.mark.parametrize("dtype", ["auto", "fp32", "fp16"])
+def test_in_memory_build_is_the_loader_paths_branch(tmp_path, dtype):
+    """build_branch (benches, the in-memory path) makes what the loader node makes: weight dtype, compute dtype
+    (fp16 weights are computed in fp32 on this CPU through the manual-cast ops), devices and the name it reports;
+    the defaults are dtype "auto" and name "branch"."""
+    import comfy.model_management as mm
+
+    from painternet_core.checkpoint import load_branch
+
+    path = str(tmp_path / "tiny.safetensors")
+    _write(path, TINY_SD15_UNET, seed=6)
+    branch = pack_module("nodes.branch")
+    loaded = branch.load_painternet(path, dtype)
+    built = branch.build_branch(*load_branch(path), dtype=dtype, name="tiny.safetensors")
+    weights = {"auto": torch.float32, "fp32": torch.float32, "fp16": torch.float16}[dtype]
+    for b in (loaded, built):
+        assert {p.dtype for p in b.patcher.model.parameters()} == {weights}
+        assert b.patcher.model.compute_dtype == torch.float32
+        assert (b.patcher.load_device, b.patcher.offload_device) == (mm.get_torch_device(), mm.unet_offload_device())
+    assert repr(built) == repr(loaded) == "PainterNet('tiny.safetensors', sd15, painternet)"
+    defaults = branch.build_branch(*load_branch(path), **({} if dtype == "auto" else {"dtype": dtype}))
+    assert repr(defaults) == "PainterNet('branch', sd15, painternet)"
+    state, config = load_branch(path)
+    del state["conv_in.bias"]
+    with pytest.raises(ValueError) as refused:
+        branch.build_branch(state, config, dtype=dtype, name="tiny.safetensors")
+    assert "tiny.safetensors" in str(refused.value) and "conv_in.bias" in str(refused.value)
+
+
 def _zero_branch_file(path: str, config: PainterNetConfig, drop: str | None = None) -> None:
     """A PainterNet file of zeros written straight with safetensors (fast; `drop` leaves one key out)."""
     from safetensors.torch import save_file
