@@ -888,3 +888,35 @@ def test_one_soft_mask_for_a_batch_is_every_items_soft_edge():
     assert info.boxes[1] == box and len(info.soft) == 2
     for soft in info.soft:
         assert torch.equal(soft, mask[0, box.y0:box.y1, box.x0:box.x1])
+
+
+@pytest.mark.parametrize("hole,image_size,feather,size", [
+    (C.Box(40, 40, 50, 60), (200, 200), 3, (18, 28)),  # margins of feather + 1 px, the box's own aspect
+    (C.Box(86, 20, 114, 120), (400, 400), 1, (32, 104)),  # aspect 0.31 is its own (within 1/4 ... 4)
+    (C.Box(95, 20, 101, 120), (400, 400), 1, (26, 104)),  # aspect 0.10 is widened to 1/4
+    (C.Box(100, 100, 697, 606), (1000, 1000), 0, (599, 508)),  # 508 * (599 / 508) == 599: not grown by rounding
+])
+def test_context_box_size_from_the_feather_margin_and_the_aspect_clamp(hole, image_size, feather, size):
+    box = C.context_box(hole, image_size, 0.0, 0, feather)
+    assert (box.width, box.height) == size and box.contains(hole)
+
+
+def test_poisson_correction_is_the_harmonic_fill_from_the_holes_edge():
+    """OpenCV's normal clone takes the target on the hole's edge as the boundary and solves the rest: raise the
+    target over the hole by 0.1 and the whole hole's correction rises by 0.1 (within the 8-bit rounding); change the
+    target deep inside the hole (4 px from its edge) or outside the hole, and the correction does not change."""
+    rng = np.random.default_rng(1)
+    inpainted = rng.random((40, 48, 3)).astype(np.float32) * 0.5 + 0.2
+    target = inpainted + 0.2 * rng.random((40, 48, 3)).astype(np.float32)
+    hole = np.zeros((40, 48), bool)
+    hole[8:30, 10:22] = True
+    hole[20:30, 10:40] = True  # an L: its bounding box holds pixels outside the hole
+    deep = cv2.erode(hole.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    assert deep.sum() > 20
+    correction = C.poisson_correction(inpainted, target, hole)
+    raised = np.where(hole[..., None], target + 0.1, target)
+    np.testing.assert_allclose(C.poisson_correction(inpainted, raised, hole)[hole] - correction[hole], 0.1,
+                               atol=2.5 / 255)
+    for changed in (deep, ~hole):
+        other = np.where(changed[..., None], np.float32(0.0), target)
+        assert np.array_equal(C.poisson_correction(inpainted, other, hole)[hole], correction[hole])
