@@ -920,3 +920,24 @@ def test_poisson_correction_is_the_harmonic_fill_from_the_holes_edge():
     for changed in (deep, ~hole):
         other = np.where(changed[..., None], np.float32(0.0), target)
         assert np.array_equal(C.poisson_correction(inpainted, other, hole)[hole], correction[hole])
+
+
+def test_one_item_keeps_its_own_box():
+    """A single image's crop box is context_box's for its hole, not re-placed at its own aspect (which float rounding
+    can widen by a pixel: a 5x56 hole gives 15x58, re-placed 16x58)."""
+    height, width = 200, 120
+    mask = np.zeros((height, width), np.float32)
+    mask[60:116, 50:55] = 1.0
+    _, _, info = C.crop_batch(image_of(height, width), torch.from_numpy(mask)[None], 64, 0.0, 0, 0, 0)
+    want = C.context_box(C.Box(50, 60, 55, 116), (height, width), 0.0, 0, 0)
+    assert info.boxes == (want,) and (want.width, want.height) == (15, 58)
+
+
+@pytest.mark.parametrize("height,width,resolution", [(411, 333, 56), (300, 400, 64)])
+def test_soft_crop_mask_stays_within_0_and_1_after_an_area_shrink(height, width, resolution):
+    """OpenCV's area shrink of a mask that is 1 over a region can return 1 + 1e-7; the crop's MASK stays in [0, 1]."""
+    mask = np.zeros((height, width), np.float32)
+    mask[height // 4:3 * height // 4, width // 5:4 * width // 5] = 1.0
+    mask = np.maximum(mask, feathered(mask, 6.0) * 0.9)
+    _, crop_masks, _ = C.crop_batch(image_of(height, width), torch.from_numpy(mask)[None], resolution, 0.5, 16, 2, 8)
+    assert float(crop_masks.max()) == 1.0 and float(crop_masks.min()) >= 0.0
