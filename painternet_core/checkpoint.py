@@ -85,8 +85,12 @@ def _signature(head: bytes) -> str | None:
 def _not_safetensors(path: str, head: bytes, reason: str) -> ValueError:
     kind = _signature(head)
     if kind is not None:
+        # torch's weights-only unpickler stops at the FRAME opcode of the protocols 4 and 5.
+        note = "" if kind == "zip" or head[1] < 4 else (
+            f" (it is pickle protocol {head[1]}, which torch's weights-only loader cannot read: only if you trust where "
+            "the file came from, run that command with weights_only=False)")
         return ValueError(f"{quote(path)} is a {kind} (pickle/zip checkpoint), which is never loaded (it can run code); "
-                          f"{_CONVERT_HINT}")
+                          f"{_CONVERT_HINT}{note}")
     return ValueError(f"{quote(path)} is not a valid safetensors file ({reason}); it is corrupt or not safetensors: "
                       "re-download or re-export it")
 
